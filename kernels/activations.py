@@ -1,0 +1,262 @@
+"""Elementwise activations, each carrying its own kernel rule (the `stax` idea).
+
+An :class:`Activation` bundles three things that must agree:
+
+* ``fn``     the torch function the finite network applies, ``phi(z)``;
+* ``deriv``  its derivative ``phi'(z)`` (used by the structured empirical NTK);
+* ``dual``   the infinite-width rule: for a centred Gaussian pair ``(u, v)`` with covariance
+  ``[[k11, k12], [k12, k22]]`` it returns ``(T, Tdot) = (E[phi(u) phi(v)], E[phi'(u) phi'(v)])``.
+  Closed forms where they exist, else Gauss-Hermite quadrature of the 2-D expectation.
+
+:func:`get_activation` parses the names used everywhere in the project (job files, the MLP, the
+analytic kernels): ``relu``, ``leaky_relu:<alpha>``, ``abrelu:<a>,<b>``, ``abs``, ``erf``, ``gelu``,
+``identity``, ``tanh``, ``sigmoid``, ``softplus``, or any elementwise torch callable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+DualFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+CLOSED_FORM = ("relu", "leaky_relu:<alpha>", "abrelu:<a>,<b>", "abs", "erf", "gelu", "identity")
+BY_QUADRATURE = ("tanh", "sigmoid", "softplus")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One elementwise nonlinearity and its Gaussian dual (see the module docstring)."""
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    deriv: Callable[[Tensor], Tensor]
+    dual: DualFn = field(repr=False)
+    closed_form: bool = True
+    # True where phi'(z) does not depend on z within a layer's sign pattern (ReLU family): lets the
+    # structured empirical NTK skip recomputing derivatives.
+    piecewise_linear: bool = False
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.fn(z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form duals. All take (k11, k22, k12) broadcastable tensors and return (T, Tdot).
+
+
+def _abrelu_dual(a: float, b: float) -> DualFn:
+    """phi(z) = a*min(z, 0) + b*max(z, 0) (Cho & Saul 2009; neural-tangents ``ABRelu``)."""
+    spread = (a - b) ** 2 / (2 * math.pi)
+    mean_sq = (a * a + b * b) / 2
+
+    def dual(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+        prod = k11 * k22
+        sine = torch.sqrt(torch.clamp(prod - k12 * k12, min=0.0))  # sqrt(k11 k22) sin(angle)
+        angle = torch.atan2(sine, k12)
+        # Zero-norm inputs have no angle; treat them as orthogonal, as neural-tangents does.
+        angle = torch.where(prod > 0, angle, torch.full_like(angle, math.pi / 2))
+        tdot = mean_sq - spread * angle
+        return spread * sine + tdot * k12, tdot
+
+    return dual
+
+
+def _erf_dual(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+    """phi(z) = erf(z) (Williams 1997)."""
+    prod = (1 + 2 * k11) * (1 + 2 * k22)
+    root = torch.sqrt(torch.clamp(prod - 4 * k12 * k12, min=torch.finfo(k12.dtype).tiny))
+    return (2 / math.pi) * torch.atan2(2 * k12, root), (4 / math.pi) / root
+
+
+def _gelu_dual(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+    """phi(z) = z * Phi(z), the exact GELU (Tsuchida et al. 2021; neural-tangents ``Gelu``)."""
+    prod = k11 * k22
+    prod_plus_1 = (k11 + 1) * (k22 + 1)
+    delta_sq = torch.clamp(prod_plus_1 - k12 * k12, min=torch.finfo(k12.dtype).tiny)
+    delta = torch.sqrt(delta_sq)
+    angle = torch.atan2(k12, delta)
+    t = ((k12 * k12 + prod * delta_sq) / (prod_plus_1 * delta) + k12 * angle) / (2 * math.pi) + k12 / 4
+    first = (1 / delta_sq + (1 - prod) / prod_plus_1 + 1) * k12 / delta / (2 * math.pi)
+    tdot = first + 0.25 + angle / (2 * math.pi)
+    return t, tdot
+
+
+def _identity_dual(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+    return k12, torch.ones_like(k12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gauss-Hermite quadrature for any elementwise phi.
+
+
+@lru_cache(maxsize=16)
+def _hermite_rule(points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights for E[g(z)], z ~ N(0, 1): sum_i w_i g(z_i), sum_i w_i = 1."""
+    if not 2 <= points <= 250:  # numpy's Hermite weights overflow beyond about 250 nodes
+        raise ValueError(f"quadrature points must be in [2, 250], got {points}")
+    nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+    return nodes, weights / math.sqrt(2 * math.pi)
+
+
+def gaussian_expectations(
+    fn: Callable[[Tensor], Tensor],
+    deriv: Callable[[Tensor], Tensor],
+    k11: Tensor,
+    k22: Tensor,
+    k12: Tensor,
+    points: int = 96,
+    chunk_elems: int = 1 << 22,
+) -> tuple[Tensor, Tensor]:
+    """(E[phi(u)phi(v)], E[phi'(u)phi'(v)]) for (u, v) ~ N(0, [[k11, k12], [k12, k22]]).
+
+    Writes ``u = sqrt(k11) z1`` and ``v = sqrt(k22) (c z1 + s z2)`` with ``c`` the correlation,
+    and sums a ``points x points`` tensor-product Gauss-Hermite rule. Inputs broadcast to one shape;
+    the work is chunked so at most ``chunk_elems`` function values are live at once. Cost:
+    ``points**2`` evaluations of phi and of phi' per entry. Smooth phi converge exponentially
+    (erf: 3e-6 relative at 64 points, 1e-15 at 200); kinked phi (ReLU) only algebraically.
+    """
+    k11, k22, k12 = torch.broadcast_tensors(k11, k22, k12)
+    shape, dtype, device = k12.shape, k12.dtype, k12.device
+    nodes_np, weights_np = _hermite_rule(points)
+    z = torch.as_tensor(nodes_np, dtype=dtype, device=device)
+    w = torch.as_tensor(weights_np, dtype=dtype, device=device)
+
+    s11, s22 = torch.sqrt(torch.clamp(k11, min=0)), torch.sqrt(torch.clamp(k22, min=0))
+    denom = s11 * s22
+    corr = torch.where(denom > 0, k12 / torch.where(denom > 0, denom, 1), torch.zeros_like(k12))
+    corr = torch.clamp(corr, -1.0, 1.0)
+    flat = [t.reshape(-1) for t in (s11, s22, corr)]
+    out_t, out_d = torch.empty(k12.numel(), dtype=dtype, device=device), torch.empty_like(k12.reshape(-1))
+    step = max(1, chunk_elems // (points * points))
+    for lo in range(0, k12.numel(), step):
+        a, b, c = (t[lo : lo + step, None, None] for t in flat)
+        s = torch.sqrt(torch.clamp(1 - c * c, min=0))
+        u = a * z[None, :, None]  # (m, p, 1)
+        v = b * (c * z[None, :, None] + s * z[None, None, :])  # (m, p, p)
+        ww = w[:, None] * w[None, :]
+        out_t[lo : lo + step] = (fn(u) * fn(v) * ww).sum(dim=(1, 2))
+        out_d[lo : lo + step] = (deriv(u) * deriv(v) * ww).sum(dim=(1, 2))
+    return out_t.reshape(shape), out_d.reshape(shape)
+
+
+def _quadrature_dual(fn: Callable[[Tensor], Tensor], deriv: Callable[[Tensor], Tensor]) -> DualFn:
+    def dual(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+        return gaussian_expectations(fn, deriv, k11, k22, k12)
+
+    return dual
+
+
+def _autograd_deriv(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """phi' of an elementwise torch function, by autograd (sum trick: d/dz_i sum phi = phi'(z_i))."""
+
+    def deriv(z: Tensor) -> Tensor:
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(fn(zz).sum(), zz)
+        return grad
+
+    return deriv
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction and parsing.
+
+
+def abrelu(a: float, b: float, name: str | None = None) -> Activation:
+    """phi(z) = a*min(z, 0) + b*max(z, 0): relu is (0, 1), leaky_relu:alpha is (alpha, 1), abs (-1, 1)."""
+
+    def fn(z: Tensor) -> Tensor:
+        if a == 0.0 and b == 1.0:
+            return torch.relu(z)
+        return a * torch.clamp(z, max=0) + b * torch.clamp(z, min=0)
+
+    def deriv(z: Tensor) -> Tensor:
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        return torch.where(z > 0, b * one, a * one)
+
+    return Activation(name or f"abrelu:{a:g},{b:g}", fn, deriv, _abrelu_dual(a, b), piecewise_linear=True)
+
+
+def _gelu_deriv(z: Tensor) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return cdf + z * pdf
+
+
+def _erf_deriv(z: Tensor) -> Tensor:
+    return (2 / math.sqrt(math.pi)) * torch.exp(-z * z)
+
+
+def _tanh_deriv(z: Tensor) -> Tensor:
+    return 1 - torch.tanh(z) ** 2
+
+
+def _sigmoid_deriv(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def from_callable(fn: Callable[[Tensor], Tensor], name: str | None = None) -> Activation:
+    """Any elementwise torch function: derivative by autograd, kernel by quadrature."""
+    deriv = _autograd_deriv(fn)
+    label = name or getattr(fn, "__name__", "callable")
+    return Activation(label, fn, deriv, _quadrature_dual(fn, deriv), closed_form=False)
+
+
+def _smooth(name: str, fn: Callable[[Tensor], Tensor], deriv: Callable[[Tensor], Tensor]) -> Activation:
+    return Activation(name, fn, deriv, _quadrature_dual(fn, deriv), closed_form=False)
+
+
+def _parse_floats(spec: str, arg: str, count: int) -> list[float]:
+    try:
+        values = [float(v) for v in arg.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"activation {spec!r}: expected {count} number(s) after ':'")
+    return values
+
+
+def get_activation(spec: str | Callable[[Tensor], Tensor] | Activation) -> Activation:
+    """Parse an activation name (see module docstring) or wrap a callable. Unknown names raise
+    ``ValueError`` listing the known ones."""
+    if isinstance(spec, Activation):
+        return spec
+    if callable(spec):
+        return from_callable(spec)
+    if not isinstance(spec, str):
+        raise ValueError(f"activation must be a name or a callable, got {type(spec).__name__}")
+    base, _, arg = spec.strip().lower().partition(":")
+    if base == "relu" and not arg:
+        return abrelu(0.0, 1.0, "relu")
+    if base == "abs" and not arg:
+        return abrelu(-1.0, 1.0, "abs")
+    if base == "leaky_relu":
+        (alpha,) = _parse_floats(spec, arg or "0.01", 1)
+        return abrelu(alpha, 1.0, f"leaky_relu:{alpha:g}")
+    if base == "abrelu":
+        a, b = _parse_floats(spec, arg, 2)
+        return abrelu(a, b)
+    if arg:
+        raise ValueError(f"activation {spec!r} takes no parameter")
+    if base == "erf":
+        return Activation("erf", torch.erf, _erf_deriv, _erf_dual)
+    if base == "gelu":
+        return Activation("gelu", torch.nn.functional.gelu, _gelu_deriv, _gelu_dual)
+    if base in ("identity", "linear"):
+        return Activation("identity", lambda z: z, torch.ones_like, _identity_dual, piecewise_linear=True)
+    if base == "tanh":
+        return _smooth("tanh", torch.tanh, _tanh_deriv)
+    if base == "sigmoid":
+        return _smooth("sigmoid", torch.sigmoid, _sigmoid_deriv)
+    if base == "softplus":
+        return _smooth("softplus", torch.nn.functional.softplus, torch.sigmoid)
+    known = ", ".join(CLOSED_FORM + BY_QUADRATURE)
+    raise ValueError(f"unknown activation {spec!r}; known: {known}, or a torch callable")
