@@ -19,11 +19,64 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_sweep
+
+    summary = run_sweep(args.job, args.out, address=args.address, max_parallel=args.max_parallel,
+                        data_dir=args.data_dir, num_cpus=args.num_cpus)
+    print(summary.line())
+    print(f"results: {args.out}  (ntk-sweep query {args.out} \"SELECT * FROM runs LIMIT 5\")")
+    return 130 if summary.interrupted else 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.runner import submit_sweep
+
+    job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir)
+    print(job_id)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.runner import job_status, results_status
+
+    if Path(args.target).is_dir():
+        print(results_status(args.target))
+    elif args.address:
+        print(job_status(args.target, args.address))
+    else:
+        raise UserError(f"{args.target}: not a results directory (for a Ray job id, pass --address)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntk-sweep", description="Width sweeps of neural networks against their NTK limits."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a sweep (locally, or on a Ray cluster with --address)")
+    run.add_argument("job", help="job file, e.g. jobs/quickstart.yaml")
+    run.add_argument("--out", required=True, help="results directory (created; re-running resumes)")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on this machine)")
+    run.add_argument("--max-parallel", type=int, default=None, help="at most this many tasks in flight")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    run.add_argument("--data-dir", default=None, help="dataset root (default: $NTK_SWEEP_DATA, else a user cache)")
+    run.set_defaults(func=_cmd_run)
+
+    submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray Job")
+    submit.add_argument("job")
+    submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--out", default="results", help="results directory on the cluster's head node")
+    submit.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
+    submit.set_defaults(func=_cmd_submit)
+
+    status = sub.add_parser("status", help="progress of a results directory, or of a submitted job id")
+    status.add_argument("target", help="RESULTS directory or Ray job id")
+    status.add_argument("--address", default=None, help="dashboard address, for a job id")
+    status.set_defaults(func=_cmd_status)
 
     data = sub.add_parser("data", help="dataset files: download and verify")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,221 @@
+"""``ntk-sweep data fetch``: download the official dataset archives, verify their MD5s, write them atomically.
+
+Files land where :mod:`pipeline.data` looks for them: ``<root>/mnist/``, ``<root>/fashion_mnist/`` and
+``<root>/cifar10/`` (``cifar-10-python.tar.gz`` plus its extracted ``cifar-10-batches-py/``).
+
+Every file is downloaded into a temporary file beside its destination and checked against its published MD5;
+only when all files of the dataset have passed are they renamed into place, so a failed fetch leaves nothing
+half-written (and a later fetch never resumes a partial file: it starts over). Files already present with the
+right MD5 are not downloaded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+
+DEFAULT_MIRRORS: dict[str, list[str]] = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+    "fashion_mnist": [
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    ],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+}
+
+#: Published MD5 of every file of each dataset (the values torchvision checks).
+CHECKSUMS: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "cifar10": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+}
+
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
+
+
+class FetchError(UserError):
+    """A download failed, or a file did not match its published checksum, or an archive was unsafe."""
+
+
+class _MirrorFailed(Exception):
+    """One URL did not give the right file; the next mirror may."""
+
+
+def md5sum(path: str | Path) -> str:
+    """Hex MD5 of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksum_table(name: str, overrides: Mapping[str, str] | None) -> dict[str, str]:
+    if name not in CHECKSUMS:
+        raise UserError(f"cannot fetch dataset {name!r} (expected one of: {', '.join(CHECKSUMS)})")
+    table = dict(CHECKSUMS[name])
+    unknown = set(overrides or {}) - set(table)
+    if unknown:
+        raise ValueError(f"checksums for files that {name} does not have: {sorted(unknown)}")
+    table.update({k: v.lower() for k, v in (overrides or {}).items()})
+    return table
+
+
+def _mirror_list(name: str, mirror: str | None) -> list[str]:
+    if mirror is None:
+        return DEFAULT_MIRRORS[name]
+    if not mirror.startswith(("http://", "https://", "file://")):
+        raise UserError(f"--mirror {mirror!r}: expected an http://, https:// or file:// URL")
+    return [mirror]
+
+
+def _download(url: str, expected_md5: str, folder: Path, label: str, no_bar: bool | None) -> Path:
+    """Download ``url`` into a temporary file in ``folder`` and check its MD5; returns the temp path.
+
+    ``no_bar`` is tqdm's ``disable`` (None: no bar unless stderr is a terminal).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=no_bar)
+            with bar:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        size = tmp.stat().st_size
+        if total is not None and size != total:
+            raise _MirrorFailed(f"{url}: incomplete download ({size} of {total} bytes)")
+        if digest.hexdigest() != expected_md5:
+            raise _MirrorFailed(
+                f"{url}: md5 {digest.hexdigest()} does not match the expected {expected_md5}; file discarded"
+            )
+        return tmp
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise _MirrorFailed(f"{url}: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _download_verified(fname: str, md5: str, mirrors: list[str], folder: Path, no_bar: bool | None) -> Path:
+    """Try each mirror in turn; the temp path of the first download whose MD5 matches."""
+    reasons = []
+    for base in mirrors:
+        try:
+            return _download(f"{base.rstrip('/')}/{fname}", md5, folder, fname, no_bar)
+        except _MirrorFailed as exc:
+            reasons.append(str(exc))
+    raise FetchError(f"{fname}: no verified download ({'; '.join(reasons)})")
+
+
+def _stage_all(table: Mapping[str, str], mirrors: list[str], folder: Path, no_bar: bool | None) -> list[str]:
+    """Download every file not already present with the right MD5, then rename them all into place."""
+    todo = {f: md5 for f, md5 in table.items() if not ((folder / f).is_file() and md5sum(folder / f) == md5)}
+    staged: dict[str, Path] = {}
+    try:
+        for fname, md5 in todo.items():
+            staged[fname] = _download_verified(fname, md5, mirrors, folder, no_bar)
+        for fname, tmp in staged.items():
+            tmp.chmod(0o644)  # mkstemp made it private
+            os.replace(tmp, folder / fname)
+        staged.clear()
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return list(todo)
+
+
+def extract_cifar(archive: Path, folder: Path) -> Path:
+    """Extract ``cifar-10-batches-py/`` from the archive into ``folder``, safely and atomically.
+
+    Uses tarfile's ``"data"`` filter (no absolute paths, ``..``, links out of the tree or device files);
+    extracts into a temporary folder first and swaps the result into place.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise FetchError(f"{archive}: safe extraction needs Python >= 3.10.12 / 3.11.4 (tarfile filters)")
+    target = folder / CIFAR_FOLDER
+    scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=folder))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(scratch, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise FetchError(f"{archive}: unsafe or corrupt archive, not extracted ({exc})") from None
+        extracted = scratch / CIFAR_FOLDER
+        if not extracted.is_dir():
+            raise FetchError(f"{archive}: archive has no {CIFAR_FOLDER}/ folder")
+        if target.exists():
+            target.rename(scratch / "previous")
+        extracted.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def fetch_dataset(
+    name: str,
+    root: str | Path,
+    mirror: str | None = None,
+    *,
+    checksums: Mapping[str, str] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Download ``name`` (``mnist``, ``fashion_mnist`` or ``cifar10``) into ``root/<name>/`` and verify it.
+
+    ``mirror``: base URL that replaces the default mirrors (files are fetched from ``<mirror>/<file name>``).
+    ``checksums``: ``{file name: md5}`` overriding entries of :data:`CHECKSUMS` (tests, private mirrors).
+    ``progress``: show tqdm bars (None: only on a terminal). Returns the dataset folder.
+    Raises :class:`UserError` (a :class:`FetchError` for download/verification problems), naming the file,
+    with no file written.
+    """
+    table = _checksum_table(name, checksums)
+    mirrors = _mirror_list(name, mirror)
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--root {root}: not a folder")
+    folder = root / name
+    made = [p for p in (root, folder) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        downloaded = _stage_all(table, mirrors, folder, None if progress is None else not progress)
+    except BaseException:
+        for path in reversed(made):  # leave no empty folders behind
+            if not any(path.iterdir()):
+                path.rmdir()
+        raise
+    if name == "cifar10" and (downloaded or not (folder / CIFAR_FOLDER).is_dir()):
+        extract_cifar(folder / CIFAR_ARCHIVE, folder)
+    return folder

@@ -1,0 +1,258 @@
+"""Run a sweep on Ray: one task per pack of seeds (or per run), resumable, with progress.
+
+The driver stays thin. It validates the job, loads each dataset subset once (from the data directory
+on the driver's machine, so workers need no dataset files) and puts it in the object store, starts
+one task per (subset, architecture) for the analytic kernels, then one training task per pack that
+receives both by reference. Results come back to the driver, which writes them atomically
+(:mod:`pipeline.store`), so a cluster needs no shared filesystem.
+
+Failures: an exception inside a run is deterministic; :func:`pipeline.train.train_runs` records it
+as ``status="failed"`` and the sweep goes on (``retry_exceptions`` is off). A worker that dies
+(OOM, lost node) is retried ``max_retries`` times; if it still fails, its runs stay missing and a
+re-run of the same command tries them again.
+
+Ray set-up: usage stats are off. Ray >= 2.59 enables token authentication for local clusters by
+default; we keep it (``ray.init`` generates the token) and bind the dashboard to 127.0.0.1, so
+nothing listens beyond this machine. For a cluster (``--address``), the token must be available as
+for any Ray client (``RAY_AUTH_TOKEN`` or ``ray get-auth-token``), see cluster.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.run_config import RunConfig  # noqa: E402
+from pipeline.spec import Sweep, load_sweep  # noqa: E402
+from pipeline.store import ResultsStore  # noqa: E402
+
+
+@dataclass
+class SweepSummary:
+    total: int
+    skipped: int
+    status: Counter = field(default_factory=Counter)
+    missing: int = 0
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())) or "nothing new"
+        extra = f"; {self.missing} missing (re-run to retry)" if self.missing else ""
+        stop = " (interrupted)" if self.interrupted else ""
+        return (f"{self.total} runs: {self.skipped} already done, {counts}{extra} "
+                f"in {self.wall_s:.1f} s{stop}")
+
+
+def subset_args(config: RunConfig) -> tuple:
+    """What identifies the dataset subset of a run."""
+    return (config.dataset, config.data_dir, config.n_train, config.n_test, config.classes, config.preprocess,
+            config.label_noise, config.data_seed)
+
+
+def analytic_args(config: RunConfig) -> tuple:
+    """What identifies the analytic kernels of a run: its subset and architecture (and, in standard
+    parameterisation, its width, on which that NTK depends)."""
+    width = config.width if config.parameterization == "standard" else None
+    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std,
+            config.parameterization, width)
+
+
+def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int = 512) -> list[list[RunConfig]]:
+    """Group runs that differ only in seed (width <= ``pack_max_width``) into packs; others alone."""
+    packs: dict[tuple, list[RunConfig]] = {}
+    for r in runs:
+        key = r.shape_key() if pack_seeds and r.width <= pack_max_width else (r.run_id,)
+        packs.setdefault(key, []).append(r)
+    return list(packs.values())
+
+
+def pack_cost(pack: list[RunConfig], in_dim: int, out_dim: int) -> float:
+    """Training FLOPs, up to a constant: points x parameters x steps x seeds."""
+    c = pack[0]
+    params = c.width * (in_dim + out_dim) + max(c.depth - 1, 0) * c.width**2
+    return len(pack) * c.n_train * params * max(c.steps, 1)
+
+
+def _train_task(configs: list[RunConfig], subset, analytic: dict, num_cpus: float):
+    import torch
+
+    from pipeline.train import train_runs
+
+    # A pooled worker keeps the thread count of its first task: set it for every task.
+    torch.set_num_threads(max(1, int(num_cpus)))
+    return train_runs(configs, subset=subset, analytic=analytic)
+
+
+def _analytic_task(config: RunConfig, subset, num_cpus: float) -> dict:
+    import torch
+
+    from pipeline.train import analytic_kernels
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    return analytic_kernels(config, subset)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=False)
+
+
+def run_sweep(
+    job: str | Path | Sweep,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    max_parallel: int | None = None,
+    data_dir: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool | None = None,
+) -> SweepSummary:
+    """Run every missing run of ``job`` into the results directory ``out``.
+
+    Validates everything (job fields, dataset files, subset sizes) before writing anything; raises
+    :class:`UserError` for bad input. ``address``: a Ray cluster to connect to (else a local Ray on
+    this machine with ``num_cpus`` CPUs, default all). ``max_parallel``: at most this many tasks in
+    flight (default: as many as fit).
+    """
+    from tqdm import tqdm
+
+    from pipeline.train import load_subset
+
+    start = time.perf_counter()
+    sweep = job if isinstance(job, Sweep) else load_sweep(job)
+    runs = sweep.expand(data_dir)
+    store = ResultsStore(out)
+    subsets = {}
+    for r in runs:  # load (and cache) each subset once; bad data fails here, before any write
+        key = subset_args(r)
+        if key not in subsets:
+            subsets[key] = load_subset(r)
+
+    store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
+    store.remove_orphan_curves()
+    done = store.done_run_ids()
+    todo = [r for r in runs if r.run_id not in done]
+    summary = SweepSummary(total=len(runs), skipped=len(runs) - len(todo))
+    if not todo:
+        summary.wall_s = time.perf_counter() - start
+        return summary
+
+    import ray
+
+    init_ray(address, num_cpus)
+    res = sweep.resources
+    train_task = ray.remote(_train_task).options(
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False)
+    analytic_task = ray.remote(_analytic_task).options(
+        num_cpus=res.num_cpus, num_gpus=0, max_retries=res.max_retries, retry_exceptions=False)
+
+    subset_refs = {key: ray.put(s) for key, s in subsets.items()}
+    analytic_refs: dict[tuple, object] = {}
+    for r in todo:
+        key = analytic_args(r)
+        if key not in analytic_refs:
+            analytic_refs[key] = analytic_task.remote(r, subset_refs[subset_args(r)], res.num_cpus)
+
+    packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
+    # Largest first, so the long tasks start early and the small ones fill the gaps.
+    packs.sort(key=lambda p: -pack_cost(p, subsets[subset_args(p[0])].dim, subsets[subset_args(p[0])].y_train.shape[1]))
+    slots = max_parallel or max(1, int(ray.cluster_resources().get("CPU", 1) // res.num_cpus))
+    pending: dict = {}
+    bar = tqdm(total=len(runs), initial=summary.skipped, unit="run", disable=progress is False,
+               dynamic_ncols=True, desc=sweep.name)
+
+    def submit(pack: list[RunConfig]) -> None:
+        first = pack[0]
+        ref = train_task.remote(pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)],
+                                res.num_cpus)
+        pending[ref] = pack
+
+    queue = list(reversed(packs))  # pop() from the end takes the largest first
+    try:
+        while queue or pending:
+            while queue and len(pending) < slots:
+                submit(queue.pop())
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            pack = pending.pop(ready[0])
+            try:
+                results = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:  # worker death after retries: leave missing
+                summary.missing += len(pack)
+                bar.write(f"{len(pack)} run(s) lost ({type(exc).__name__}); a re-run retries them")
+                bar.update(len(pack))
+                continue
+            store.write_pack(results, sweep.kernels.store)
+            summary.status.update(r.status for r in results)
+            bar.update(len(results))
+            bar.set_postfix({k: v for k, v in summary.status.items()}, refresh=False)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        summary.missing += sum(len(p) for p in pending.values()) + sum(len(p) for p in queue)
+    finally:
+        bar.close()
+        summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def submit_sweep(job: str | Path, out: str, address: str, working_dir: str | Path = ".") -> str:
+    """Submit ``ntk-sweep run JOB --out OUT --address auto`` as a Ray Job; returns the job id.
+
+    The entrypoint runs with the cluster's Python, which must have this project installed (the
+    setup commands of cluster.yaml do that); ``working_dir`` ships the job file and the code.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    load_sweep(job)  # fail here, not on the cluster
+    client = JobSubmissionClient(address)
+    job_path = Path(job)
+    rel = job_path.resolve().relative_to(Path(working_dir).resolve()) if job_path.is_absolute() else job_path
+    return client.submit_job(
+        entrypoint=f"python -m pipeline.cli run {rel} --out {out} --address auto",
+        runtime_env={"working_dir": str(working_dir), "excludes": [".venv", ".git", "results", "*.zarr"]},
+    )
+
+
+def results_status(out: str | Path) -> str:
+    """Progress of every sweep written into a results directory, one line each."""
+    store = ResultsStore(out)
+    sweeps = store.sweeps()
+    if not sweeps:
+        raise UserError(f"{out}: no sweep has been run into this directory")
+    table = store.table()
+    by_id = dict(zip(table.column("run_id").to_pylist(), table.column("status").to_pylist(), strict=True)) \
+        if table.num_rows else {}
+    lines = []
+    for name, resolved in sweeps.items():
+        ids = [r.run_id for r in Sweep.model_validate(resolved).expand()]
+        counts = Counter(by_id.get(i, "missing") for i in ids)
+        lines.append(f"{name}: {len(ids)} runs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def job_status(job_id: str, address: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    logs = client.get_job_logs(job_id).strip().splitlines()
+    return f"{job_id}: {client.get_job_status(job_id)}" + (f"\n{logs[-1]}" if logs else "")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(run_sweep(sys.argv[1], sys.argv[2]).line())

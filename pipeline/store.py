@@ -1,0 +1,175 @@
+"""The results directory: atomic Parquet parts, Zarr Grams, and what is already done.
+
+    RESULTS/
+      sweeps/<sweep name>.yaml                       the resolved job of each sweep written here
+      runs/dataset=<name>/part-<pack id>.parquet     one row per run (the commit record of a pack)
+      curves/dataset=<name>/part-<pack id>.parquet   one row per (run, logged step)
+      grams.zarr/empirical/<run_id>/{init,final}     empirical NTK over the run's train ++ test points
+      grams.zarr/analytic/<subset key>-<arch key>/{nngp,ntk}
+
+A pack's Grams and curves are written first and its ``runs`` part last, each by temp file + rename,
+so a run is done exactly when a ``runs`` part holds its row. A re-run skips those run ids; curve
+parts left by a pack killed before its ``runs`` part are deleted before resuming. Two sweeps can
+share a directory: part names are hashes of their run ids and job files are named by sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.train import RunResult
+
+RUNS, CURVES, SWEEPS, GRAMS = "runs", "curves", "sweeps", "grams.zarr"
+
+
+# Columns that can be null in one part and typed in another: fix their types so parts always unify.
+FIXED_TYPES = {
+    "classes": pa.list_(pa.int64()), "data_dir": pa.string(), "batch_size": pa.int64(), "lr": pa.float64(),
+    "lr_scale": pa.float64(), "error": pa.string(), "weight_rel_change_by_layer": pa.list_(pa.float64()),
+}
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """Rows -> table, without the ``dataset`` column (the Hive partition folder carries it)."""
+    rows = [{k: v for k, v in row.items() if k != "dataset"} for row in rows]
+    inferred = pa.Table.from_pylist(rows).schema
+    schema = pa.schema([pa.field(f.name, FIXED_TYPES.get(f.name, f.type)) for f in inferred])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def pack_id(run_ids: Iterable[str]) -> str:
+    return hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` through a temp file in the same folder and a rename."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class ResultsStore:
+    """One results directory (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root}: results path exists and is not a directory")
+
+    # -- layout
+    def part_path(self, kind: str, dataset: str, pid: str) -> Path:
+        return self.root / kind / f"dataset={dataset}" / f"part-{pid}.parquet"
+
+    def _parts(self, kind: str) -> list[Path]:
+        return sorted((self.root / kind).glob("dataset=*/part-*.parquet"))
+
+    # -- sweeps
+    def write_sweep(self, name: str, resolved: dict) -> None:
+        _atomic_write_bytes(self.root / SWEEPS / f"{name}.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+
+    def sweeps(self) -> dict[str, dict]:
+        return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((self.root / SWEEPS).glob("*.yaml"))}
+
+    # -- what is done
+    def done_run_ids(self) -> set[str]:
+        done: set[str] = set()
+        for part in self._parts(RUNS):
+            done.update(pq.read_table(part, columns=["run_id"]).column("run_id").to_pylist())
+        return done
+
+    def remove_orphan_curves(self) -> int:
+        """Delete curve parts whose pack never committed its runs part. Returns how many."""
+        committed = {p.relative_to(self.root / RUNS) for p in self._parts(RUNS)}
+        orphans = [p for p in self._parts(CURVES) if p.relative_to(self.root / CURVES) not in committed]
+        for p in orphans:
+            p.unlink(missing_ok=True)
+        return len(orphans)
+
+    # -- writing a finished pack
+    def write_pack(self, results: list[RunResult], store_grams: str = "none") -> Path:
+        """Grams (if asked), then curves, then the runs part (the commit). Returns the runs part path."""
+        if not results:
+            raise ValueError("write_pack needs at least one result")
+        dataset = results[0].config.dataset
+        pid = pack_id(r.run_id for r in results)
+        if store_grams != "none":
+            self.write_empirical_grams(results, final=store_grams == "init+final")
+        curve_rows = [
+            {"run_id": r.run_id, **{k: v[i] for k, v in r.curves.items()}}
+            for r in results for i in range(len(r.curves.get("step", [])))
+        ]
+        if curve_rows:
+            write_parquet_atomic(_table(curve_rows), self.part_path(CURVES, dataset, pid))
+        runs_path = self.part_path(RUNS, dataset, pid)
+        write_parquet_atomic(_table([r.row() for r in results]), runs_path)
+        return runs_path
+
+    # -- Grams
+    def _zarr_root(self):
+        import zarr
+
+        return zarr.open_group(str(self.root / GRAMS), mode="a")
+
+    def write_array(self, path: str, array: np.ndarray, attrs: dict) -> None:
+        """A (N, N) float32 array, chunked and zstd-compressed, at ``path`` in grams.zarr."""
+        import zarr
+
+        root = self._zarr_root()
+        n = array.shape[0]
+        chunk = min(n, 1024)
+        arr = root.create_array(
+            path, shape=array.shape, dtype="float32", chunks=(chunk, chunk), overwrite=True,
+            compressors=zarr.codecs.ZstdCodec(level=3),
+        )
+        arr[...] = array.astype(np.float32)
+        arr.attrs.update(attrs)
+
+    def write_empirical_grams(self, results: list[RunResult], final: bool) -> None:
+        for r in results:
+            if r.ntk_init is None:
+                continue
+            attrs = {"run_id": r.run_id, "kernel": "empirical_ntk", "trace": "mean over outputs",
+                     "points": f"train[:{r.config.n_train}] ++ test[:{r.config.n_test}]"}
+            self.write_array(f"empirical/{r.run_id}/init", r.ntk_init, {**attrs, "time": "init"})
+            if final and r.ntk_final is not None:
+                self.write_array(f"empirical/{r.run_id}/final", r.ntk_final, {**attrs, "time": "final"})
+
+    def read_array(self, path: str) -> np.ndarray:
+        import zarr
+
+        try:
+            return zarr.open_array(str(self.root / GRAMS / path), mode="r")[...]
+        except (FileNotFoundError, KeyError) as exc:
+            raise UserError(f"{self.root / GRAMS}: no array at {path!r}") from exc
+
+    # -- reading
+    def table(self, kind: str = RUNS) -> pa.Table:
+        """All parts of ``runs`` or ``curves`` as one table, ``dataset`` from the partition folders."""
+        import pyarrow.dataset as ds
+
+        if not self._parts(kind):
+            return pa.table({})
+        return ds.dataset(self.root / kind, format="parquet", partitioning="hive").to_table()

@@ -1,0 +1,499 @@
+"""One training run (or a vmapped pack of seeds) -> :class:`RunResult`: the network beside its
+linearisation, their closed forms, and every measurement of the pair.
+
+Loss and dynamics. The objective is ``L(theta) = 1/(2n) sum_i |f(x_i) - y_i|^2`` over the n training
+points (K outputs), minimised by plain gradient descent (``gd``: full batch; ``sgd``: seeded
+mini-batches of ``batch_size``, the mean over the batch). The linearised model
+``f_lin(x) = f(x; theta0) + J(x; theta0)(theta_lin - theta0)`` is trained with the same optimiser,
+batches and steps, through ``torch.func.jvp`` (never a materialised Jacobian). For full-batch GD its
+training residual evolves exactly as ``r_t = (I - eta Theta_hat0/n)^t r_0``, which gives closed forms:
+
+* ``f_lin`` on test points from the network's own empirical NTK ``Theta_hat0`` (a consistency check:
+  equal to the trained linear model up to float rounding);
+* the mean predictor of the analytic NTK ``Theta`` (``f_0 = 0``) at the same ``t``;
+* kernel regression at ``t = infinity`` with the analytic NTK and NNGP.
+
+Learning rates. ``lr_scale`` (default 0.5) is relative to the critical rate
+``2 n / max(lambda_max(Theta), lambda_max(Theta_hat0))``: above it the linearised dynamics diverge,
+for the kernel limit (``Theta``, analytic, on the training set) or for this network's own
+linearisation (``Theta_hat0``, the full ``nK x nK`` empirical NTK at init, whose top eigenvalue exceeds
+the limit's at small width). So ``lr_scale < 1`` is safe at every width, and at large width the rate
+is the analytic one. An absolute ``lr`` overrides it. ``lr`` and ``lr_critical`` are recorded per run.
+
+Everything is a pure function of the :class:`~pipeline.run_config.RunConfig` (deterministic on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, jvp, stack_module_state, vmap
+
+from kernels.analytic import mlp_kernels
+from kernels.empirical import empirical_ntk
+from kernels.mlp import MLP
+from pipeline.data import Subset, make_subset, resolve_data_root
+from pipeline.run_config import RunConfig
+
+Tensor = torch.Tensor
+DIVERGENCE_FACTOR = 1e6  # a loss this many times its initial value (or non-finite) means diverged
+MAX_FULL_NTK = 4096  # n_train * K up to which the (nK x nK) empirical-NTK closed form is computed
+
+SCALAR_METRICS = (
+    "train_loss", "test_loss", "train_acc", "test_acc",
+    "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
+    "ntk_test_acc", "nngp_test_acc", "ntk_test_loss", "nngp_test_loss",
+    "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "weight_distance",
+    "rmse_nn_lin_test", "agree_nn_lin_test", "rmse_nn_ntk_test", "rmse_nn_ntk_mean_test", "lin_closed_form_rel_err",
+    "relu_flip_frac", "lr", "lr_critical", "diverged_step",
+)
+CURVE_COLUMNS = (
+    "step", "train_loss", "test_loss", "train_acc", "test_acc",
+    "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
+)
+
+
+@dataclass
+class RunResult:
+    """What one run produced.
+
+    ``metrics``: the scalar measurements (``SCALAR_METRICS``, NaN where not measured) plus
+    ``weight_rel_change_by_layer`` (list, one per Dense layer, input first). ``curves``: column ->
+    list over the logged steps (``CURVE_COLUMNS``). ``ntk_init`` / ``ntk_final``: the traced
+    empirical NTK ``(N, N)`` float32 over ``train ++ test`` points (None if the run failed first).
+    """
+
+    config: RunConfig
+    status: str = "ok"
+    error: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)
+    ntk_init: np.ndarray | None = None
+    ntk_final: np.ndarray | None = None
+    wall_s: float = float("nan")
+    device: str = "cpu"
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    def row(self) -> dict[str, Any]:
+        """One flat row: config columns, measurements, status."""
+        cfg = self.config.model_dump()
+        cfg["classes"] = list(cfg["classes"]) if cfg["classes"] is not None else None
+        row = {"run_id": self.run_id, **cfg}
+        row.update({k: float(self.metrics.get(k, math.nan)) for k in SCALAR_METRICS})
+        row["weight_rel_change_by_layer"] = list(self.metrics.get("weight_rel_change_by_layer", []))
+        row.update(status=self.status, error=self.error, wall_s=self.wall_s, device=self.device)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def train_run(config: RunConfig, *, subset: Subset | None = None, analytic: dict | None = None) -> RunResult:
+    """Train one network and its linearisation. Never raises: failures give ``status="failed"``."""
+    return train_runs([config], subset=subset, analytic=analytic)[0]
+
+
+def train_runs(
+    configs: list[RunConfig], *, subset: Subset | None = None, analytic: dict | None = None
+) -> list[RunResult]:
+    """Train several seeds of one shape at once (``torch.func.stack_module_state`` + ``vmap``).
+
+    All configs must be equal but for ``seed``. Returns the same results as separate
+    :func:`train_run` calls, to float tolerance. ``subset`` and ``analytic`` (the output of
+    :func:`analytic_kernels`) may be passed in when the caller already has them.
+    """
+    if not configs:
+        return []
+    if len({c.shape_key() for c in configs}) != 1:
+        raise ValueError("train_runs packs runs that differ only in seed")
+    start = time.perf_counter()
+    device = resolve_device(configs[0].device)
+    try:
+        results = _train_pack(configs, device, subset, analytic)
+    except Exception as exc:  # noqa: BLE001 - a run records its failure, the sweep goes on
+        message = f"{type(exc).__name__}: {exc}"
+        results = [RunResult(c, status="failed", error=message[:2000]) for c in configs]
+        results[0].metrics["traceback"] = traceback.format_exc()
+    wall = (time.perf_counter() - start) / len(configs)
+    for r in results:
+        r.wall_s, r.device = wall, str(device)
+    return results
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_subset(config: RunConfig) -> Subset:
+    """The (cached) dataset subset a config trains on."""
+    return make_subset(
+        config.dataset, resolve_data_root(config.data_dir), n_train=config.n_train, n_test=config.n_test,
+        seed=config.data_seed, classes=list(config.classes) if config.classes else None,
+        preprocess=config.preprocess, label_noise=config.label_noise,
+    )
+
+
+def analytic_kernels(config: RunConfig, subset: Subset) -> dict[str, np.ndarray]:
+    """Analytic NNGP and NTK (float64) over ``train ++ test`` points: ``{"nngp", "ntk"}: (N, N)``.
+    Depends on the subset and architecture only, so a sweep computes it once for all widths' seeds
+    in NTK parameterisation (the standard-parameterisation NTK depends on the width)."""
+    x = np.concatenate([subset.x_train, subset.x_test]).astype(np.float64)
+    width = config.width if config.parameterization == "standard" else None
+    return mlp_kernels(
+        x, depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
+        parameterization=config.parameterization, width=width,
+    )
+
+
+def top_eigenvalue(matrix: np.ndarray) -> float:
+    """Largest eigenvalue of a symmetric PSD matrix by Lanczos (a dense eigvalsh costs m^3)."""
+    from scipy.sparse.linalg import eigsh
+
+    if len(matrix) <= 64:
+        return float(np.linalg.eigvalsh(matrix)[-1])
+    return float(eigsh(matrix, k=1, which="LA", tol=1e-10, return_eigenvectors=False)[0])
+
+
+def critical_lr(theta_train: np.ndarray) -> float:
+    """``2 n / lambda_max``: the rate above which GD on the linearised model diverges."""
+    return 2.0 * len(theta_train) / top_eigenvalue(theta_train)
+
+
+def top_ntk_eigenvalue(model: MLP, x: Tensor, iterations: int = 60, seed: int = 0) -> float:
+    """Largest eigenvalue of the full ``(nK, nK)`` empirical NTK ``J J^T`` on ``x``, by power iteration
+    on NTK-vector products ``J (J^T v)`` (``torch.func`` vjp then jvp; no Jacobian is formed).
+    Power iteration approaches from below; 60 iterations leave well under 1% on NTK spectra,
+    whose top eigenvalue is well separated."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p: dict) -> Tensor:
+        return functional_call(model, p, (x,))
+
+    out, pullback = torch.func.vjp(f, params)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
+    lam = 0.0
+    for _ in range(iterations):
+        v = v / torch.linalg.norm(v)
+        (cotangent,) = pullback(v)
+        w = jvp(f, (params,), (cotangent,))[1]
+        lam = float((v * w).sum())
+        v = w
+    return lam
+
+
+def log_steps(steps: int, points: int) -> list[int]:
+    """``0``, then about ``points`` log-spaced steps up to and including ``steps``."""
+    if steps == 0:
+        return [0]
+    grid = np.unique(np.round(np.logspace(0, math.log10(steps), points - 1)).astype(int))
+    return [0] + [int(s) for s in grid if 0 < s <= steps]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pack trainer
+
+
+def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset | None,
+                analytic: dict | None) -> list[RunResult]:
+    cfg = configs[0]
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    subset = subset if subset is not None else load_subset(cfg)
+    analytic = analytic if analytic is not None else analytic_kernels(cfg, subset)
+    n, k_out = subset.y_train.shape
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+    x_tr, y_tr, x_te, y_te = map(tensor, (subset.x_train, subset.y_train, subset.x_test, subset.y_test))
+    models = [MLP(x_tr.shape[1], cfg.width, cfg.depth, k_out, cfg.activation, cfg.w_std, cfg.b_std,
+                  cfg.parameterization, seed=c.seed, dtype=dtype).to(device) for c in configs]
+    inits = [_init_kernels(model, x_tr, x_te) for model in models]
+    theta_an = analytic["ntk"]
+    lam_analytic = top_eigenvalue(theta_an[:n, :n])
+    lr_crit = [2.0 * n / max(lam_analytic, init["lam_max"]) for init in inits]
+    lrs = [cfg.lr if cfg.lr is not None else cfg.effective_lr_scale * c for c in lr_crit]
+    lr_t = torch.tensor(lrs, dtype=dtype, device=device)
+
+    def step_size(g: Tensor) -> Tensor:
+        return lr_t.view(-1, *([1] * (g.ndim - 1))) * g
+
+    base = copy.deepcopy(models[0]).to("meta")
+    params0, _ = stack_module_state(models)
+    params0 = {name: p.detach() for name, p in params0.items()}
+
+    def f(p: dict, x: Tensor) -> Tensor:
+        return functional_call(base, p, (x,))
+
+    def f_lin(delta: dict, p0: dict, f0: Tensor, x: Tensor) -> Tensor:
+        return f0 + jvp(lambda q: f(q, x), (p0,), (delta,))[1]
+
+    def loss_nn(p: dict, x: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * ((f(p, x) - y) ** 2).sum(-1).mean()
+
+    def loss_lin(delta: dict, p0: dict, f0: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * ((f_lin(delta, p0, f0, x) - y) ** 2).sum(-1).mean()
+
+    seeds_batched = cfg.optimizer == "sgd"
+    in_x = 0 if seeds_batched else None
+    grad_nn = vmap(grad(loss_nn), in_dims=(0, in_x, in_x))
+    grad_lin = vmap(grad(loss_lin), in_dims=(0, 0, 0, in_x, in_x))
+    forward = vmap(f, in_dims=(0, None))
+    forward_lin = vmap(f_lin, in_dims=(0, 0, 0, None))
+
+    with torch.no_grad():
+        f0_tr, f0_te = forward(params0, x_tr), forward(params0, x_te)
+    params = {k: v.clone() for k, v in params0.items()}
+    delta = {k: torch.zeros_like(v) for k, v in params0.items()}
+    batch_rngs = [torch.Generator().manual_seed(10_007 * c.seed + 1) for c in configs]
+
+    def evaluate() -> dict[str, Tensor]:
+        with torch.no_grad():
+            out = {"nn_tr": forward(params, x_tr), "nn_te": forward(params, x_te)}
+            out["lin_tr"] = forward_lin(delta, params0, f0_tr, x_tr)
+            out["lin_te"] = forward_lin(delta, params0, f0_te, x_te)
+        return out
+
+    curves_by_seed = [{c: [] for c in CURVE_COLUMNS} for _ in configs]
+    record_at = set(log_steps(cfg.steps, cfg.log_points))
+    diverged_at = [None] * len(configs)
+    init_losses = None
+    for step in range(cfg.steps + 1):
+        if step in record_at:
+            preds = evaluate()
+            losses = _curve_point(preds, y_tr, y_te, subset, step, curves_by_seed)
+            if init_losses is None:
+                init_losses = losses
+            for s, (nn_l, lin_l) in enumerate(losses):
+                blown = not (math.isfinite(nn_l) and math.isfinite(lin_l)) or max(
+                    nn_l / max(init_losses[s][0], 1e-12), lin_l / max(init_losses[s][1], 1e-12)
+                ) > DIVERGENCE_FACTOR
+                if blown and diverged_at[s] is None:
+                    diverged_at[s] = step
+            if all(d is not None for d in diverged_at):
+                break
+        if step == cfg.steps:
+            break
+        if seeds_batched:
+            idx = torch.stack([torch.randperm(n, generator=g)[: cfg.batch_size] for g in batch_rngs])
+            idx = idx.to(device)
+            xb, yb = x_tr[idx], y_tr[idx]
+            f0b = torch.gather(f0_tr, 1, idx[..., None].expand(-1, -1, k_out))
+        else:
+            xb, yb, f0b = x_tr, y_tr, f0_tr
+        g_nn = grad_nn(params, xb, yb)
+        g_lin = grad_lin(delta, params0, f0b, xb, yb)
+        params = {k: v - step_size(g_nn[k]) for k, v in params.items()}
+        delta = {k: v - step_size(g_lin[k]) for k, v in delta.items()}
+    final_step = step  # preds holds the evaluation at this step
+
+    # Analytic-NTK mean predictor at the same training time: the same for every seed of the pack.
+    shared = {}
+    if cfg.optimizer == "gd" and len(set(lrs)) == 1:
+        shared["f_ntk"] = gd_closed_form(theta_an[:n, :n], theta_an[n:, :n], -subset.y_train.astype(np.float64),
+                                         lrs[0] / n, final_step)
+    results = []
+    for s, c in enumerate(configs):
+        model0, model_t = _unstack(models[s], params0, s), _unstack(models[s], params, s)
+        res = RunResult(c, curves=curves_by_seed[s])
+        res.metrics["lr_critical"] = lr_crit[s]
+        _measure(res, s, subset, analytic, inits[s], model0, model_t, preds, f0_tr, f0_te, lrs[s], final_step,
+                 diverged_at[s], x_tr, x_te, shared)
+        results.append(res)
+    return results
+
+
+def _unstack(template: MLP, stacked: dict[str, Tensor], s: int) -> MLP:
+    model = copy.deepcopy(template)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(stacked[name][s])
+    return model
+
+
+def _accuracy(pred: Tensor, labels: np.ndarray) -> float:
+    lab = torch.as_tensor(labels, device=pred.device)
+    cls = (pred[:, 0] > 0).long() if pred.shape[1] == 1 else pred.argmax(dim=1)
+    return float((cls == lab).double().mean())
+
+
+def _mse(pred: Tensor, y: Tensor) -> float:
+    return float(0.5 * ((pred - y) ** 2).sum(-1).mean())
+
+
+def _curve_point(preds: dict, y_tr: Tensor, y_te: Tensor, subset: Subset, step: int,
+                 curves_by_seed: list[dict]) -> list[tuple[float, float]]:
+    losses = []
+    for s, curve in enumerate(curves_by_seed):
+        nn_tr, lin_tr = preds["nn_tr"][s], preds["lin_tr"][s]
+        point = {
+            "step": step,
+            "train_loss": _mse(nn_tr, y_tr), "test_loss": _mse(preds["nn_te"][s], y_te),
+            "train_acc": _accuracy(nn_tr, subset.labels_train), "test_acc": _accuracy(preds["nn_te"][s],
+                                                                                       subset.labels_test),
+            "lin_train_loss": _mse(lin_tr, y_tr), "lin_test_loss": _mse(preds["lin_te"][s], y_te),
+            "lin_train_acc": _accuracy(lin_tr, subset.labels_train),
+            "lin_test_acc": _accuracy(preds["lin_te"][s], subset.labels_test),
+        }
+        for key, value in point.items():
+            curve[key].append(value)
+        losses.append((point["train_loss"], point["lin_train_loss"]))
+    return losses
+
+
+def gd_closed_form(theta_tr: np.ndarray, theta_te_tr: np.ndarray, r0: np.ndarray, rate: float,
+                   steps: int) -> np.ndarray:
+    """Change of the test predictions after ``steps`` of GD on a linear model with kernel ``theta``.
+
+    ``-Theta_te,tr Theta^-1 (I - (I - rate Theta)^t) r0``, with ``rate = lr / n``.
+    ``theta_tr: (m, m)``, ``theta_te_tr: (m', m)``, ``r0: (m,)`` or ``(m, K)``: the initial training
+    residual ``f0 - y``. For ``t < m`` it iterates the exact map ``r <- r - rate Theta r`` in function
+    space (``t m^2`` flops); otherwise it uses the eigenbasis (``m^3``), with
+    ``(1 - (1 - rate lam)^t) / lam`` taken stably for small ``lam`` (limit ``rate t``).
+    """
+    if steps < len(theta_tr):
+        r, total = np.array(r0, dtype=np.float64), np.zeros_like(r0, dtype=np.float64)
+        for _ in range(steps):
+            total += r
+            r -= rate * (theta_tr @ r)
+        return -rate * (theta_te_tr @ total)
+    lam, vec = np.linalg.eigh(theta_tr)
+    lam = np.clip(lam, 0.0, None)
+    a = rate * lam
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        small = a < 0.5  # there 1 - (1 - a)^t loses digits to cancellation: use expm1/log1p
+        decayed = np.where(small, -np.expm1(steps * np.log1p(-np.where(small, a, 0.0))), 1 - (1 - a) ** steps)
+        gain = np.where(lam > 0, decayed / np.where(lam > 0, lam, 1.0), rate * steps)
+    return -theta_te_tr @ (vec @ (gain.reshape(-1, *([1] * (r0.ndim - 1))) * (vec.T @ r0)))
+
+
+def _init_kernels(model: MLP, x_tr: Tensor, x_te: Tensor) -> dict[str, Any]:
+    """Empirical NTK at init over ``train ++ test``: traced ``(N, N)`` float64, the full
+    ``(N, N, K, K)`` blocks when ``n K <= MAX_FULL_NTK`` (else None), and the top eigenvalue of the
+    full training-set NTK (exact from the blocks, else by power iteration)."""
+    n, k_out = len(x_tr), model.config["out_dim"]
+    x_all = torch.cat([x_tr, x_te])
+    if n * k_out <= MAX_FULL_NTK:
+        blocks = empirical_ntk(model, x_all, trace=False).double().cpu().numpy()
+        ntk0 = np.einsum("ijkk->ij", blocks) / k_out
+        train_block = blocks[:n, :n].transpose(0, 2, 1, 3).reshape(n * k_out, n * k_out)
+        lam_max = top_eigenvalue(train_block)
+    else:
+        blocks = None
+        ntk0 = empirical_ntk(model, x_all).double().cpu().numpy()
+        lam_max = top_ntk_eigenvalue(model, x_tr)
+    return {"ntk0": ntk0, "blocks": blocks, "lam_max": lam_max}
+
+
+def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict, model0: MLP, model_t: MLP,
+             preds: dict, f0_tr: Tensor, f0_te: Tensor, lr: float, steps: int, diverged_at: int | None,
+             x_tr: Tensor, x_te: Tensor, shared: dict) -> None:
+    """Fill ``res`` with every measurement of seed ``s`` of the pack."""
+    m = {key: math.nan for key in SCALAR_METRICS}
+    n, k_out = subset.y_train.shape
+    x_all = torch.cat([x_tr, x_te])
+    theta = analytic["ntk"]
+    m["lr"] = lr
+
+    ntk0, blocks = init["ntk0"], init["blocks"]
+    res.ntk_init = ntk0.astype(np.float32)
+    m["kernel_rel_dev_init"] = float(np.linalg.norm(ntk0 - theta) / np.linalg.norm(theta))
+    kinked = model0.activation.piecewise_linear and model0.activation.name != "identity"
+    m["relu_flip_frac"] = _flip_fraction(model0, model_t, x_tr) if kinked else math.nan
+
+    weights0 = [layer.weight.detach() for layer in model0.layers]
+    weights_t = [layer.weight.detach() for layer in model_t.layers]
+    res.metrics["weight_rel_change_by_layer"] = [
+        float(torch.linalg.norm(wt - w0) / torch.linalg.norm(w0))
+        for w0, wt in zip(weights0, weights_t, strict=True)
+    ]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model0.parameters()])
+    flat_t = torch.cat([p.detach().reshape(-1) for p in model_t.parameters()])
+    m["weight_distance"] = float(torch.linalg.norm(flat_t - flat0))
+    m["weight_rel_change"] = m["weight_distance"] / float(torch.linalg.norm(flat0))
+
+    res.ntk_final = empirical_ntk(model_t, x_all).float().cpu().numpy()
+    change = res.ntk_final.astype(np.float64) - ntk0
+    m["kernel_rel_change"] = float(np.linalg.norm(change) / np.linalg.norm(ntk0))
+
+    # Analytic kernel regression at t = infinity (mean predictor, f0 = 0).
+    y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
+    for name in ("ntk", "nngp"):
+        pred = _kernel_regression(analytic[name], n, y_tr)
+        m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
+        m[f"{name}_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+
+    curve = res.curves
+    if diverged_at is not None:
+        res.status = "diverged"
+        m["diverged_step"] = float(diverged_at)
+        res.error = f"loss exploded or became non-finite by step {diverged_at} (lr={lr:.4g})"
+        res.metrics.update(m)
+        return
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lin_train_loss", "lin_test_loss",
+                "lin_train_acc", "lin_test_acc"):
+        m[key] = curve[key][-1]
+    nn_te = preds["nn_te"][s].double().cpu().numpy()
+    lin_te = preds["lin_te"][s].double().cpu().numpy()
+    m["rmse_nn_lin_test"] = float(np.sqrt(np.mean((nn_te - lin_te) ** 2)))
+    m["agree_nn_lin_test"] = _agreement(nn_te, lin_te)
+
+    if res.config.optimizer == "gd":
+        # Analytic NTK at the same training time: the mean predictor (f0 = 0), and the prediction
+        # started from this network's own f0 (linear in r0 = f0 - y, so it reuses the mean part).
+        # Only the latter converges to the network as the width grows; the former keeps the
+        # O(1) random initial function.
+        f_ntk = shared.get("f_ntk")
+        if f_ntk is None:
+            f_ntk = gd_closed_form(theta[:n, :n], theta[n:, :n], -y_tr, lr / n, steps)
+        f0_tr_s, f0_te_s = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
+        f_ntk_own = f0_te_s + f_ntk + gd_closed_form(theta[:n, :n], theta[n:, :n], f0_tr_s, lr / n, steps)
+        m["rmse_nn_ntk_mean_test"] = float(np.sqrt(np.mean((nn_te - f_ntk) ** 2)))
+        m["rmse_nn_ntk_test"] = float(np.sqrt(np.mean((nn_te - f_ntk_own) ** 2)))
+        if blocks is not None:
+            # The network's own empirical NTK: predicts the trained linear model exactly.
+            big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, len(x_all) * k_out)
+            nk = n * k_out
+            r0 = (f0_tr[s].double().cpu().numpy() - y_tr).reshape(-1)
+            change = gd_closed_form(big[:nk, :nk], big[nk:, :nk], r0, lr / n, steps)
+            lin_pred = f0_te[s].double().cpu().numpy() + change.reshape(-1, k_out)
+            m["lin_closed_form_rel_err"] = float(np.linalg.norm(lin_pred - lin_te) / np.linalg.norm(lin_te))
+    res.metrics.update(m)
+
+
+def _kernel_regression(kernel: np.ndarray, n: int, y_tr: np.ndarray) -> np.ndarray:
+    """``K_te,tr K_tr^-1 y`` with a jitter of 1e-10 of the mean diagonal for numerical safety."""
+    k_tr = kernel[:n, :n]
+    jitter = 1e-10 * np.trace(k_tr) / n
+    return kernel[n:, :n] @ np.linalg.solve(k_tr + jitter * np.eye(n), y_tr)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape[1] == 1:
+        return float(np.mean((a[:, 0] > 0) == (b[:, 0] > 0)))
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+def _flip_fraction(model0: MLP, model_t: MLP, x: Tensor) -> float:
+    """Fraction of (hidden unit, training point) pairs whose activation sign flipped in training."""
+    with torch.no_grad():
+        _, _, z0 = model0.forward_with_preactivations(x)
+        _, _, zt = model_t.forward_with_preactivations(x)
+    if not z0:
+        return math.nan
+    flips = sum(int(((a > 0) != (b > 0)).sum()) for a, b in zip(z0, zt, strict=True))
+    return flips / sum(a.numel() for a in z0)

@@ -1,0 +1,171 @@
+"""One run beside its linearisation: closed forms, width trends, learning-rate safety, packing."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.run_config import RunConfig
+from pipeline.train import (
+    SCALAR_METRICS,
+    analytic_kernels,
+    critical_lr,
+    gd_closed_form,
+    load_subset,
+    log_steps,
+    train_run,
+    train_runs,
+)
+
+torch.set_num_threads(2)
+
+
+def cfg(**kw) -> RunConfig:
+    base = dict(dataset="digits", n_train=64, n_test=48, depth=2, width=128, steps=40, device="cpu")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.mark.parametrize("steps", [5, 37])
+def test_closed_form_matches_explicit_iteration(steps):
+    """Both paths of the closed form (function-space iteration for t < m, eigenbasis for t >= m = 20)
+    equal literally iterating r <- (I - rate Theta) r and accumulating the test-point change."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 12))
+    theta = a @ a.T  # rank 12: singular on purpose
+    tr, te = theta[:20, :20], theta[20:, :20]
+    r = rng.normal(size=(20, 3))
+    rate = 1.5 / np.linalg.eigvalsh(tr)[-1]
+    r_t, change = r.copy(), np.zeros((10, 3))
+    for _ in range(steps):
+        change -= rate * te @ r_t
+        r_t -= rate * tr @ r_t
+    np.testing.assert_allclose(gd_closed_form(tr, te, r, rate, steps), change, rtol=1e-9, atol=1e-12)
+
+
+def test_linearised_gd_equals_its_empirical_ntk_closed_form_float64():
+    """The trained linear model and the (I - eta Theta_hat0/n)^t formula agree to ~1e-6 (float64)."""
+    res = train_run(cfg(dtype="float64", steps=60, b_std=0.1))
+    assert res.status == "ok", res.error
+    assert res.metrics["lin_closed_form_rel_err"] < 1e-6
+
+
+def test_result_has_every_measurement_and_curves():
+    res = train_run(cfg())
+    assert res.status == "ok", res.error
+    row = res.row()
+    for key in SCALAR_METRICS:
+        assert key in row
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lin_train_loss", "lin_test_loss",
+                "lin_test_acc", "ntk_test_acc", "nngp_test_acc", "kernel_rel_dev_init", "kernel_rel_change",
+                "weight_rel_change", "rmse_nn_lin_test", "agree_nn_lin_test", "rmse_nn_ntk_test"):
+        assert math.isfinite(row[key]), key
+    assert len(row["weight_rel_change_by_layer"]) == 3
+    assert res.curves["step"] == log_steps(40, 24)
+    assert res.curves["train_loss"][-1] < res.curves["train_loss"][0]
+    n = 64 + 48
+    assert res.ntk_init.shape == (n, n) and res.ntk_final.shape == (n, n)
+    assert row["run_id"] == res.config.run_id and len(row["run_id"]) == 16
+
+
+def test_deterministic_for_a_seed_and_seeds_differ():
+    a, b, c = train_run(cfg(seed=3)), train_run(cfg(seed=3)), train_run(cfg(seed=4))
+    assert a.metrics["test_loss"] == b.metrics["test_loss"]
+    np.testing.assert_array_equal(a.ntk_final, b.ntk_final)
+    assert a.metrics["test_loss"] != c.metrics["test_loss"]
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "sgd"])
+def test_packed_seeds_equal_separate_runs(optimizer):
+    extra = dict(batch_size=16) if optimizer == "sgd" else {}
+    configs = [cfg(seed=s, optimizer=optimizer, dtype="float64", **extra) for s in range(3)]
+    packed = train_runs(configs)
+    for config, res in zip(configs, packed, strict=True):
+        alone = train_run(config)
+        assert res.status == alone.status == "ok"
+        for key in ("train_loss", "test_loss", "lin_test_loss", "kernel_rel_change", "weight_rel_change",
+                    "rmse_nn_lin_test"):
+            assert res.metrics[key] == pytest.approx(alone.metrics[key], rel=1e-9, abs=1e-12), key
+        np.testing.assert_allclose(res.curves["lin_train_loss"], alone.curves["lin_train_loss"], rtol=1e-9)
+
+
+def test_packing_refuses_mixed_shapes():
+    with pytest.raises(ValueError, match="differ only in seed"):
+        train_runs([cfg(width=64), cfg(width=128)])
+
+
+def test_wide_network_agrees_with_its_linearisation_better_than_narrow():
+    """Lee et al. 2019: the wider the network, the closer to its linearisation (ordering, not numbers)."""
+    results = {w: train_run(cfg(width=w, n_train=128, n_test=128, steps=100, lr_scale=0.3)) for w in (64, 2048)}
+    assert all(r.status == "ok" for r in results.values())
+    assert results[2048].metrics["rmse_nn_lin_test"] < 0.5 * results[64].metrics["rmse_nn_lin_test"]
+    assert results[2048].metrics["agree_nn_lin_test"] >= 0.95
+    assert results[2048].metrics["kernel_rel_change"] < results[64].metrics["kernel_rel_change"]
+    assert results[2048].metrics["relu_flip_frac"] < results[64].metrics["relu_flip_frac"]
+    # ... and to the analytic-NTK dynamics started from its own f0.
+    assert results[2048].metrics["rmse_nn_ntk_test"] < results[64].metrics["rmse_nn_ntk_test"]
+
+
+def test_kernel_deviation_at_init_scales_like_inverse_sqrt_width():
+    """log-log slope of ||Theta_hat0 - Theta|| / ||Theta|| over widths 128..4096, 4 seeds: ~ -1/2."""
+    widths = [128, 512, 2048, 4096]
+    means = []
+    for w in widths:
+        runs = train_runs([cfg(width=w, steps=0, seed=s, n_train=48, n_test=16) for s in range(4)])
+        means.append(np.mean([r.metrics["kernel_rel_dev_init"] for r in runs]))
+    slope = np.polyfit(np.log(widths), np.log(means), 1)[0]
+    assert -0.7 <= slope <= -0.3, (slope, means)
+
+
+def test_learning_rate_scale_below_one_never_diverges_above_diverges():
+    for width in (64, 256, 1024):
+        res = train_run(cfg(width=width, lr_scale=0.9, steps=60))
+        assert res.status == "ok", (width, res.error)
+    res = train_run(cfg(width=256, lr_scale=1.6, steps=150))
+    assert res.status == "diverged"
+    assert "exploded" in res.error and math.isfinite(res.metrics["kernel_rel_dev_init"])
+    assert math.isnan(res.metrics["test_loss"])
+
+
+def test_critical_rate_is_two_n_over_lambda_max():
+    config = cfg()
+    subset = load_subset(config)
+    theta = analytic_kernels(config, subset)["ntk"][:64, :64]
+    assert critical_lr(theta) == pytest.approx(2 * 64 / np.linalg.eigvalsh(theta).max())
+
+
+def test_failures_are_recorded_not_raised():
+    res = train_run(cfg(dataset="mnist", data_dir="/nonexistent/ntk-data"))
+    assert res.status == "failed"
+    assert "mnist" in res.error
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ValueError, match="width"):
+        RunConfig(width=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        RunConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="lr or lr_scale"):
+        RunConfig(lr=0.1, lr_scale=0.5)
+    with pytest.raises(ValueError, match="unknown activation"):
+        RunConfig(activation="swish2")
+
+
+def test_run_id_is_stable_and_ignores_execution_fields():
+    a = RunConfig(width=64, seed=1)
+    assert a.run_id == RunConfig(width=64, seed=1, device="cpu", data_dir="/x", sweep="other").run_id
+    assert a.run_id != RunConfig(width=64, seed=2).run_id
+    assert a.run_id == RunConfig(width=64, seed=1, activation="ReLU").run_id
+
+
+def test_power_iteration_finds_the_top_eigenvalue_of_the_full_empirical_ntk():
+    from kernels.empirical import empirical_ntk
+    from kernels.mlp import MLP
+    from pipeline.train import top_ntk_eigenvalue
+
+    x = torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = MLP(8, 64, 2, 3, seed=1, dtype=torch.float64)
+    blocks = empirical_ntk(model, x, trace=False).numpy()
+    exact = np.linalg.eigvalsh(blocks.transpose(0, 2, 1, 3).reshape(120, 120))[-1]
+    assert top_ntk_eigenvalue(model, x) == pytest.approx(exact, rel=1e-3)
