@@ -81,14 +81,20 @@ def pack_cost(pack: list[RunConfig], in_dim: int, out_dim: int) -> float:
     return len(pack) * c.n_train * params * max(c.steps, 1)
 
 
-def _train_task(configs: list[RunConfig], subset, analytic: dict, num_cpus: float):
+def _train_task(configs: list[RunConfig], subset, analytic: dict, num_cpus: float, store_grams: str):
     import torch
 
     from pipeline.train import train_runs
 
     # A pooled worker keeps the thread count of its first task: set it for every task.
     torch.set_num_threads(max(1, int(num_cpus)))
-    return train_runs(configs, subset=subset, analytic=analytic)
+    results = train_runs(configs, subset=subset, analytic=analytic)
+    for r in results:  # ship back only the (N, N) Grams the job stores
+        if store_grams == "none":
+            r.ntk_init = None
+        if store_grams != "init+final":
+            r.ntk_final = None
+    return results
 
 
 def _analytic_task(config: RunConfig, subset, num_cpus: float) -> dict:
@@ -179,7 +185,7 @@ def run_sweep(
     def submit(pack: list[RunConfig]) -> None:
         first = pack[0]
         ref = train_task.remote(pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)],
-                                res.num_cpus)
+                                res.num_cpus, sweep.kernels.store)
         pending[ref] = pack
 
     queue = list(reversed(packs))  # pop() from the end takes the largest first
