@@ -112,7 +112,9 @@ def empirical_ntk(
     a = _as_input(x1, "x1", in_dim, dtype, device)
     b = a if symmetric else _as_input(x2, "x2", in_dim, dtype, device)
     if b.shape[1] != a.shape[1]:
-        raise ValueError(f"x1 and x2 must have the same number of features, got {a.shape[1]} and {b.shape[1]}")
+        raise ValueError(
+            f"x1 and x2 must have the same number of features, got {a.shape[1]} and {b.shape[1]}"
+        )
 
     with torch.no_grad():
         if method == "structured":
@@ -123,7 +125,9 @@ def empirical_ntk(
     return out.cpu().numpy() if as_numpy else out
 
 
-def _as_input(x: ArrayLike, name: str, in_dim: int | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _as_input(
+    x: ArrayLike, name: str, in_dim: int | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, d), got shape {tuple(t.shape)}")
@@ -270,7 +274,9 @@ def _symmetrise(out: Tensor) -> Tensor:
 # Structured path for kernels.mlp.MLP.
 
 
-def _structured(model: MLP, a: Tensor, b: Tensor, symmetric: bool, trace: bool, chunk_size: int | None) -> Tensor:
+def _structured(
+    model: MLP, a: Tensor, b: Tensor, symmetric: bool, trace: bool, chunk_size: int | None
+) -> Tensor:
     layers = list(model.layers)
     depth, K = len(layers) - 1, layers[-1].weight.shape[0]
     width = layers[0].weight.shape[0] if depth else 0
@@ -313,7 +319,10 @@ def _structured(model: MLP, a: Tensor, b: Tensor, symmetric: bool, trace: bool, 
                 if nxt.weight_scale != 1.0:
                     back.mul_(nxt.weight_scale)
                 delta = back
-                deltas[l] = delta.view(n, K * width).mul(delta_scale) if trace else delta.view(n * K, width)
+                if not trace:
+                    deltas[l] = delta.view(n * K, width)
+                else:
+                    deltas[l] = delta.view(n, K * width) if K == 1 else delta.view(n, K * width) * delta_scale
         return inputs, deltas
 
     def pair(f1: tuple[list[Tensor], list[Tensor]], f2: tuple[list[Tensor], list[Tensor]]) -> Tensor:
@@ -381,48 +390,52 @@ def _generic(
         bytes_per_pair=2 * itemsize * K * K,
     )
 
+    def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, (p, buffers), (x[None],)).reshape(-1)
+
     if method == "jacobian":
-        def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(model, (p, buffers), (x[None],)).reshape(-1)
+        per_sample = vmap(jacrev(single), in_dims=(None, 0))  # name -> (m, K, *shape)
+    else:
+        # The cotangents J^T e_(m, k') for every input m and output k': one vjp per input (vmapped),
+        # pulled back from the K output basis vectors.
+        eye = torch.eye(K, dtype=a.dtype, device=a.device)
 
-        jac = vmap(jacrev(single), in_dims=(None, 0))
+        def pullbacks(p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+            _, pullback = vjp(lambda q: single(q, x), p)
+            return vmap(pullback)(eye)[0]  # name -> (K, *shape)
 
-        # vmap(jacrev) needs about twice its output in temporaries: fill a chunk's Jacobian in sub-batches
-        # of at most 1/8 of the budget, so the transient memory stays small next to the chunk itself.
-        sub = max(1, int(BLOCK_BYTES / (8 * K * num_params * itemsize)))
+        per_sample = vmap(pullbacks, in_dims=(None, 0))
 
-        def rows(x: Tensor) -> list[Tensor]:
-            n = x.shape[0]
-            if n <= sub:
-                return [j.reshape(n, K, -1) for j in jac(params, x).values()]
-            out = [x.new_empty((n, K, p.numel())) for p in params.values()]
-            for lo, hi in _ranges(n, sub):
-                for buf, j in zip(out, jac(params, x[lo:hi]).values(), strict=True):
-                    buf[lo:hi] = j.reshape(hi - lo, K, -1)
-            return out
+    # vmap needs about twice its output in temporaries: fill a chunk's Jacobian in sub-batches of at most
+    # 1/8 of the budget, so the transient memory stays small next to the chunk itself.
+    sub = max(1, int(BLOCK_BYTES / (8 * K * num_params * itemsize)))
 
+    def jacobian_rows(x: Tensor) -> list[Tensor]:
+        """``[(n, K, numel) per parameter]``: d f_k(x_n) / d theta."""
+        n = x.shape[0]
+        if n <= sub:
+            return [j.reshape(n, K, -1) for j in per_sample(params, x).values()]
+        out = [x.new_empty((n, K, p.numel())) for p in params.values()]
+        for lo, hi in _ranges(n, sub):
+            for buf, j in zip(out, per_sample(params, x[lo:hi]).values(), strict=True):
+                buf[lo:hi] = j.reshape(hi - lo, K, -1)
+        return out
+
+    if method == "jacobian":
         def pair(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
             return _contract(j1, j2, trace)
 
         out = _blocked(
             a.shape[0], b.shape[0], plan, symmetric,
-            lambda r0, r1: rows(a[r0:r1]), lambda c0, c1: rows(b[c0:c1]), pair, same_features=True,
+            lambda r0, r1: jacobian_rows(a[r0:r1]), lambda c0, c1: jacobian_rows(b[c0:c1]), pair,
+            same_features=True,
         )
     else:
-        # Column features: the cotangents J2^T e_(m, k') for every column input m and output k' -- one
-        # vjp per input (vmapped), applied to the K output basis vectors.
-        def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(model, (p, buffers), (x[None],)).reshape(-1)
-
-        eye = torch.eye(K, dtype=a.dtype, device=a.device)
-
-        def cotangents_one(x: Tensor) -> dict[str, Tensor]:
-            _, pullback = vjp(lambda p: single(p, x), params)
-            return vmap(pullback)(eye)[0]  # name -> (K, *shape)
-
         def cotangents(x: Tensor) -> dict[str, Tensor]:
-            per = vmap(cotangents_one)(x)  # name -> (m, K, *shape)
-            return {k: v.reshape((-1,) + v.shape[2:]) for k, v in per.items()}  # (m*K, *shape)
+            """Tangent directions ``J^T e_(m, k')`` as parameter-shaped ``(m*K, *shape)`` tensors."""
+            rows = jacobian_rows(x)
+            pairs = zip(params.items(), rows, strict=True)
+            return {name: j.reshape((-1,) + p.shape) for (name, p), j in pairs}
 
         activations = _activation_size(model, a[:1], buffers, params)
 
@@ -433,8 +446,9 @@ def _generic(
                 return jvp(lambda p: batched(p, x1c), (params,), (t,))[1]  # (n1, K)
 
             per_tangent = 4 * itemsize * n1 * max(activations, 1)
-            sub = max(1, min(m, int(BLOCK_BYTES // 4 // per_tangent)))
-            cols = vmap(push, chunk_size=sub)(tangents)  # (m*K, n1, K): Theta[n, m, k, k'] at [(m, k'), n, k]
+            batch = max(1, min(m, int(BLOCK_BYTES // 4 // per_tangent)))
+            # (m*K, n1, K): Theta[n, m, k, k'] sits at [(m, k'), n, k]
+            cols = vmap(push, chunk_size=batch)(tangents)
             n2 = m // K
             theta = cols.reshape(n2, K, n1, K).permute(2, 0, 3, 1)  # (n1, n2, K, K')
             if trace:
@@ -464,7 +478,9 @@ def _contract(j1: list[Tensor], j2: list[Tensor], trace: bool) -> Tensor:
     return out.view(n1, K, n2, K).permute(0, 2, 1, 3).contiguous()
 
 
-def _activation_size(model: nn.Module, x: Tensor, buffers: dict[str, Tensor], params: dict[str, Tensor]) -> int:
+def _activation_size(
+    model: nn.Module, x: Tensor, buffers: dict[str, Tensor], params: dict[str, Tensor]
+) -> int:
     """Elements of all submodule outputs for one input: a rough size of the forward-mode tangents."""
     total = 0
 

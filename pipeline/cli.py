@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--mirror", default=None, help="base URL to download from instead of the default")
     fetch.set_defaults(func=_cmd_data_fetch)
 
+
+    from pipeline import query, report  # light modules: heavy imports happen inside their main()
+
+    query_cmd = sub.add_parser("query", help="SQL (DuckDB) over the runs, curves and aggregate tables")
+    query.add_arguments(query_cmd)
+    query_cmd.set_defaults(func=query.main)
+
+    report_cmd = sub.add_parser("report", help="aggregate a results directory and draw the report")
+    report.add_arguments(report_cmd)
+    report_cmd.set_defaults(func=report.main)
     return parser
 
 

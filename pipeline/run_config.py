@@ -86,6 +86,16 @@ class RunConfig(BaseModel):
             return None
         return 0.5 if self.lr_scale is None else self.lr_scale
 
+    @classmethod
+    def from_row(cls, row: dict) -> RunConfig:
+        """Rebuild the config of a results row. Rows record the learning rate actually used in ``lr``;
+        when the run was configured by ``lr_scale``, that is derived, so it is dropped here."""
+        fields = {k: row[k] for k in cls.model_fields if k in row}
+        fields["classes"] = tuple(fields["classes"]) if fields.get("classes") else None
+        if fields.get("lr_scale") is not None:
+            fields["lr"] = None
+        return cls(**fields)
+
     def canonical(self) -> dict:
         """The fields that determine the result, JSON-ready, in a fixed order."""
         data = self.model_dump(exclude=set(EXECUTION_FIELDS))

@@ -150,7 +150,7 @@ def run_sweep(
             subsets[key] = load_subset(r)
 
     store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
-    store.remove_orphan_curves()
+    store.remove_orphans()
     done = store.done_run_ids()
     todo = [r for r in runs if r.run_id not in done]
     summary = SweepSummary(total=len(runs), skipped=len(runs) - len(todo))

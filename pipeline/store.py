@@ -4,12 +4,14 @@
       sweeps/<sweep name>.yaml                       the resolved job of each sweep written here
       runs/dataset=<name>/part-<pack id>.parquet     one row per run (the commit record of a pack)
       curves/dataset=<name>/part-<pack id>.parquet   one row per (run, logged step)
+      spectral/dataset=<name>/part-<pack id>.parquet one row per (run, logged step, eigen-band)
+      outputs/dataset=<name>/part-<pack id>.parquet  one row per run: its outputs f(x; theta0) on the test points
       grams.zarr/empirical/<run_id>/{init,final}     empirical NTK over the run's train ++ test points
       grams.zarr/analytic/<subset key>-<arch key>/{nngp,ntk}
 
-A pack's Grams and curves are written first and its ``runs`` part last, each by temp file + rename,
-so a run is done exactly when a ``runs`` part holds its row. A re-run skips those run ids; curve
-parts left by a pack killed before its ``runs`` part are deleted before resuming. Two sweeps can
+A pack's Grams, curves, spectral and outputs parts are written first and its ``runs`` part last,
+each by temp file + rename, so a run is done exactly when a ``runs`` part holds its row. A re-run
+skips those run ids; side parts left by a pack killed before its ``runs`` part are deleted first. Two sweeps can
 share a directory: part names are hashes of their run ids and job files are named by sweep.
 """
 
@@ -29,13 +31,15 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.train import RunResult
 
-RUNS, CURVES, SWEEPS, GRAMS = "runs", "curves", "sweeps", "grams.zarr"
+RUNS, CURVES, SPECTRAL, OUTPUTS, SWEEPS, GRAMS = "runs", "curves", "spectral", "outputs", "sweeps", "grams.zarr"
+SIDE_TABLES = (CURVES, SPECTRAL, OUTPUTS)
 
 
 # Columns that can be null in one part and typed in another: fix their types so parts always unify.
 FIXED_TYPES = {
     "classes": pa.list_(pa.int64()), "data_dir": pa.string(), "batch_size": pa.int64(), "lr": pa.float64(),
     "lr_scale": pa.float64(), "error": pa.string(), "weight_rel_change_by_layer": pa.list_(pa.float64()),
+    "f0_test": pa.list_(pa.float32()),
 }
 
 
@@ -100,10 +104,11 @@ class ResultsStore:
             done.update(pq.read_table(part, columns=["run_id"]).column("run_id").to_pylist())
         return done
 
-    def remove_orphan_curves(self) -> int:
-        """Delete curve parts whose pack never committed its runs part. Returns how many."""
+    def remove_orphans(self) -> int:
+        """Delete side-table parts whose pack never committed its runs part. Returns how many."""
         committed = {p.relative_to(self.root / RUNS) for p in self._parts(RUNS)}
-        orphans = [p for p in self._parts(CURVES) if p.relative_to(self.root / CURVES) not in committed]
+        orphans = [p for kind in SIDE_TABLES for p in self._parts(kind)
+                   if p.relative_to(self.root / kind) not in committed]
         for p in orphans:
             p.unlink(missing_ok=True)
         return len(orphans)
@@ -117,12 +122,17 @@ class ResultsStore:
         pid = pack_id(r.run_id for r in results)
         if store_grams != "none":
             self.write_empirical_grams(results, final=store_grams == "init+final")
-        curve_rows = [
-            {"run_id": r.run_id, **{k: v[i] for k, v in r.curves.items()}}
-            for r in results for i in range(len(r.curves.get("step", [])))
-        ]
-        if curve_rows:
-            write_parquet_atomic(_table(curve_rows), self.part_path(CURVES, dataset, pid))
+        side = {
+            CURVES: [{"run_id": r.run_id, **{k: v[i] for k, v in r.curves.items()}}
+                     for r in results for i in range(len(r.curves.get("step", [])))],
+            SPECTRAL: [{"run_id": r.run_id, **{k: v[i] for k, v in r.spectral.items()}}
+                       for r in results for i in range(len(r.spectral.get("step", [])))],
+            OUTPUTS: [{"run_id": r.run_id, "n_test": r.f0_test.shape[0], "k": r.f0_test.shape[1],
+                       "f0_test": r.f0_test.reshape(-1).tolist()} for r in results if r.f0_test is not None],
+        }
+        for kind, rows in side.items():
+            if rows:
+                write_parquet_atomic(_table(rows), self.part_path(kind, dataset, pid))
         runs_path = self.part_path(RUNS, dataset, pid)
         write_parquet_atomic(_table([r.row() for r in results]), runs_path)
         return runs_path
@@ -167,9 +177,16 @@ class ResultsStore:
 
     # -- reading
     def table(self, kind: str = RUNS) -> pa.Table:
-        """All parts of ``runs`` or ``curves`` as one table, ``dataset`` from the partition folders."""
+        """One table (``runs``, ``curves``, ``spectral``, ``outputs``) from all its parts, with
+        ``dataset`` from the partition folders."""
         import pyarrow.dataset as ds
 
-        if not self._parts(kind):
+        parts = self._parts(kind)
+        if not parts:
             return pa.table({})
-        return ds.dataset(self.root / kind, format="parquet", partitioning="hive").to_table()
+        # Parts written by newer code may carry more columns: read with the union of all schemas.
+        schema = pa.unify_schemas([pq.read_schema(p) for p in parts])
+        partitioning = ds.partitioning(pa.schema([("dataset", pa.string())]), flavor="hive")
+        schema = schema.append(pa.field("dataset", pa.string())) if "dataset" not in schema.names else schema
+        return ds.dataset(parts, format="parquet", partitioning=partitioning, schema=schema,
+                          partition_base_dir=str(self.root / kind)).to_table()

@@ -53,7 +53,15 @@ SCALAR_METRICS = (
     "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "weight_distance",
     "rmse_nn_lin_test", "agree_nn_lin_test", "rmse_nn_ntk_test", "rmse_nn_ntk_mean_test", "lin_closed_form_rel_err",
     "relu_flip_frac", "lr", "lr_critical", "diverged_step",
+    "ntk_eig_min_init", "ntk_eig_max_init", "ntk_cond_init",
+    "ntk_eig_min_final", "ntk_eig_max_final", "ntk_cond_final",
+    "ntk_eig_min_analytic", "ntk_eig_max_analytic", "ntk_cond_analytic",
+    "train_loss_pred_ratio", "train_loss_obs_ratio",
 )
+# Eigen-bands of the analytic NTK on the training set (indices in decreasing eigenvalue order) over
+# which the spectral-bias table sums residual energy; the last band runs to n.
+SPECTRAL_BANDS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, None))
+MAX_EIGH = 4096  # n_train up to which train-set spectra and the spectral-bias table are computed
 CURVE_COLUMNS = (
     "step", "train_loss", "test_loss", "train_acc", "test_acc",
     "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
@@ -77,6 +85,8 @@ class RunResult:
     curves: dict[str, list] = field(default_factory=dict)
     ntk_init: np.ndarray | None = None
     ntk_final: np.ndarray | None = None
+    spectral: dict[str, list] = field(default_factory=dict)
+    f0_test: np.ndarray | None = None
     wall_s: float = float("nan")
     device: str = "cpu"
 
@@ -208,6 +218,56 @@ def log_steps(steps: int, points: int) -> list[int]:
 # The pack trainer
 
 
+class SpectralTracker:
+    """Residual energy per eigen-band of the analytic training-set NTK, at each logged step.
+
+    ``theta_tr: (n, n)``; ``r0: (S, n, K)`` initial residuals ``f0 - y`` of the S seeds; ``lrs``:
+    their learning rates. ``record`` takes the current train predictions ``(S, n, K)`` of the
+    network and of the linearised model.
+    """
+
+    def __init__(self, theta_tr: np.ndarray, y_tr: np.ndarray, r0: np.ndarray, lrs: list[float]) -> None:
+        lam, vec = np.linalg.eigh(theta_tr)
+        self.lam, self.vec = lam[::-1].clip(min=0.0), vec[:, ::-1]  # decreasing eigenvalues
+        n = len(lam)
+        self.bands = [(lo, n if hi is None else min(hi, n)) for lo, hi in SPECTRAL_BANDS if lo < n]
+        self.y = y_tr
+        self.c0_sq = (np.einsum("ni,snk->sik", self.vec, r0) ** 2).sum(-1)  # (S, n)
+        self.rates = np.asarray(lrs)[:, None] / n
+        self.rows: list[dict[str, list]] = [{k: [] for k in SPECTRAL_COLUMNS} for _ in lrs]
+
+    def energies(self, pred: np.ndarray) -> np.ndarray:
+        """``(S, n)`` energy of the residual ``pred - y`` along each eigenvector."""
+        return (np.einsum("ni,snk->sik", self.vec, pred - self.y) ** 2).sum(-1)
+
+    def record(self, step: int, nn_tr: np.ndarray, lin_tr: np.ndarray) -> None:
+        e_nn, e_lin = self.energies(nn_tr), self.energies(lin_tr)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e_th = (1 - self.rates * self.lam[None, :]) ** (2 * step) * self.c0_sq
+        for s, table in enumerate(self.rows):
+            for b, (lo, hi) in enumerate(self.bands):
+                row = dict(step=step, band=b, band_lo=lo, band_hi=hi, energy_nn=float(e_nn[s, lo:hi].sum()),
+                           energy_lin=float(e_lin[s, lo:hi].sum()), energy_theory=float(e_th[s, lo:hi].sum()))
+                for k, v in row.items():
+                    table[k].append(v)
+
+    def predicted_loss_ratio(self, s: int, steps: int) -> float:
+        """``L_T / L_0`` of GD under the analytic kernel from seed ``s``'s initial residual."""
+        decay = (1 - self.rates[s] * self.lam) ** (2 * steps)
+        return float((decay * self.c0_sq[s]).sum() / self.c0_sq[s].sum())
+
+
+SPECTRUM_KEYS = ("ntk_eig_min", "ntk_eig_max", "ntk_cond")
+SPECTRAL_COLUMNS = ("step", "band", "band_lo", "band_hi", "energy_nn", "energy_lin", "energy_theory")
+
+
+def spectrum_stats(kernel: np.ndarray) -> tuple[float, float, float]:
+    """(lambda_min, lambda_max, condition number) of a symmetric PSD matrix."""
+    lam = np.linalg.eigvalsh(kernel)
+    lo, hi = float(lam[0]), float(lam[-1])
+    return lo, hi, hi / lo if lo > 0 else math.inf
+
+
 def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset | None,
                 analytic: dict | None) -> list[RunResult]:
     cfg = configs[0]
@@ -257,6 +317,10 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
 
     with torch.no_grad():
         f0_tr, f0_te = forward(params0, x_tr), forward(params0, x_te)
+    y_tr_np = subset.y_train.astype(np.float64)
+    tracker = None
+    if n <= MAX_EIGH:
+        tracker = SpectralTracker(theta_an[:n, :n], y_tr_np, f0_tr.double().cpu().numpy() - y_tr_np, lrs)
     params = {k: v.clone() for k, v in params0.items()}
     delta = {k: torch.zeros_like(v) for k, v in params0.items()}
     batch_rngs = [torch.Generator().manual_seed(10_007 * c.seed + 1) for c in configs]
@@ -276,6 +340,8 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
         if step in record_at:
             preds = evaluate()
             losses = _curve_point(preds, y_tr, y_te, subset, step, curves_by_seed)
+            if tracker is not None:
+                tracker.record(step, preds["nn_tr"].double().cpu().numpy(), preds["lin_tr"].double().cpu().numpy())
             if init_losses is None:
                 init_losses = losses
             for s, (nn_l, lin_l) in enumerate(losses):
@@ -311,6 +377,13 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
         model0, model_t = _unstack(models[s], params0, s), _unstack(models[s], params, s)
         res = RunResult(c, curves=curves_by_seed[s])
         res.metrics["lr_critical"] = lr_crit[s]
+        res.f0_test = f0_te[s].float().cpu().numpy()
+        if tracker is not None:
+            res.spectral = tracker.rows[s]
+            res.metrics["train_loss_pred_ratio"] = tracker.predicted_loss_ratio(s, final_step)
+            an_stats = shared.setdefault("an_stats", spectrum_stats(theta_an[:n, :n]))
+            for key, value in zip(SPECTRUM_KEYS, an_stats, strict=True):
+                res.metrics[f"{key}_analytic"] = value
         _measure(res, s, subset, analytic, inits[s], model0, model_t, preds, f0_tr, f0_te, lrs[s], final_step,
                  diverged_at[s], x_tr, x_te, shared)
         results.append(res)
@@ -403,7 +476,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
              preds: dict, f0_tr: Tensor, f0_te: Tensor, lr: float, steps: int, diverged_at: int | None,
              x_tr: Tensor, x_te: Tensor, shared: dict) -> None:
     """Fill ``res`` with every measurement of seed ``s`` of the pack."""
-    m = {key: math.nan for key in SCALAR_METRICS}
+    m = {key: res.metrics.get(key, math.nan) for key in SCALAR_METRICS}
     n, k_out = subset.y_train.shape
     x_all = torch.cat([x_tr, x_te])
     theta = analytic["ntk"]
@@ -429,6 +502,11 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     res.ntk_final = empirical_ntk(model_t, x_all).float().cpu().numpy()
     change = res.ntk_final.astype(np.float64) - ntk0
     m["kernel_rel_change"] = float(np.linalg.norm(change) / np.linalg.norm(ntk0))
+    if n <= MAX_EIGH:
+        for when, kernel in (("init", ntk0), ("final", res.ntk_final.astype(np.float64))):
+            stats = spectrum_stats(kernel[:n, :n])
+            for key, value in zip(SPECTRUM_KEYS, stats, strict=True):
+                m[f"{key}_{when}"] = value
 
     # Analytic kernel regression at t = infinity (mean predictor, f0 = 0).
     y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
@@ -447,6 +525,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lin_train_loss", "lin_test_loss",
                 "lin_train_acc", "lin_test_acc"):
         m[key] = curve[key][-1]
+    m["train_loss_obs_ratio"] = curve["train_loss"][-1] / curve["train_loss"][0]
     nn_te = preds["nn_te"][s].double().cpu().numpy()
     lin_te = preds["lin_te"][s].double().cpu().numpy()
     m["rmse_nn_lin_test"] = float(np.sqrt(np.mean((nn_te - lin_te) ** 2)))

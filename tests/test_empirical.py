@@ -15,7 +15,8 @@ from kernels.analytic import mlp_kernels
 from kernels.empirical import empirical_ntk
 from kernels.mlp import MLP
 
-# torch.func.jvp's first use scripts some decompositions with the deprecated torch.jit.script (torch internals)
+# torch.func.jvp's first use scripts some decompositions with the deprecated torch.jit.script
+# (torch internals, not this code)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 F64 = torch.float64
@@ -103,8 +104,10 @@ def test_chunked_equals_unchunked(method: str, cache: bool, monkeypatch: pytest.
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("same_features", [True, False])
-@pytest.mark.parametrize("plan", [emp.BlockPlan(3, 1, False), emp.BlockPlan(4, 2, True), emp.BlockPlan(2, 2, False),
-                                  emp.BlockPlan(7, 5, True), emp.BlockPlan(100, 100, False)])
+@pytest.mark.parametrize("plan", [
+    emp.BlockPlan(3, 1, False), emp.BlockPlan(4, 2, True), emp.BlockPlan(2, 2, False),
+    emp.BlockPlan(7, 5, True), emp.BlockPlan(100, 100, False),
+])
 def test_blocked_tiling(plan: emp.BlockPlan, symmetric: bool, same_features: bool) -> None:
     """Any tiling reassembles X1 @ X2.T, with the feature work that plan.feature_inputs predicts."""
     x1 = inputs(7, 3, 20)
@@ -168,7 +171,8 @@ def test_generic_module_jacobian_and_ntk_vp() -> None:
     ref = brute_force(net, x1, x2)
     for method in ("auto", "jacobian", "ntk_vp"):
         assert rel_err(empirical_ntk(net, x1, x2, method=method, trace=False), ref) < 1e-12
-        assert rel_err(empirical_ntk(net, x1, x2, method=method), ref.diagonal(dim1=2, dim2=3).mean(-1)) < 1e-12
+        traced = empirical_ntk(net, x1, x2, method=method)
+        assert rel_err(traced, ref.diagonal(dim1=2, dim2=3).mean(-1)) < 1e-12
 
     class Scalar(nn.Module):  # (N,) output reads as K = 1
         def __init__(self) -> None:

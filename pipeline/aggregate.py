@@ -1,0 +1,412 @@
+"""Aggregates of a results directory: statistics over seeds per width, and width-scaling fits.
+
+    RESULTS/aggregates/by_width.parquet   one row per (group, width, measure): mean, std, count, 95% CI
+    RESULTS/aggregates/scaling.parquet    one row per (group, measure): log(measure) ~ exponent * log(width)
+
+A *group* is one setting of every config column of :class:`~pipeline.run_config.RunConfig` but
+``seed`` and ``width`` (and ``sweep``, ``data_dir``, ``device``, which do not change a result; and
+``lr``, which in a run row is the rate actually used, a measurement). So runs that differ in
+dataset, ``n_train``, depth, activation, parameterisation, ``w_std``, optimiser, ``lr_scale``,
+steps, label noise, ... are never pooled. Every group column is repeated in both tables, after
+``group_id``: a short stable hash of the group's settings.
+
+*Measures* are every numeric column of the runs table that is not a config column: the
+measurements of :mod:`pipeline.train` and any numeric column added later. List columns named
+``<name>_by_layer`` are split into ``<name>_layer0``, ``<name>_layer1``, ... (input layer first),
+and ``disagree_nn_lin_test = 1 - agree_nn_lin_test`` is derived. Statistics use the ``status ==
+"ok"`` runs only; ``n_runs``, ``n_ok``, ``n_diverged`` and ``n_failed`` count every run of the
+(group, width). The 95% CI is Student's t: ``mean +- t(0.975, count-1) * std / sqrt(count)``.
+
+Scaling fits: ordinary least squares of ``log(value)`` on ``log(width)`` over the individual ok runs
+of a group (non-positive values cannot be logged: they are dropped and counted in ``n_dropped``).
+``exponent`` is the slope, ``prefactor`` the value at width 1 (``value ~ prefactor *
+width**exponent``), ``r2`` the coefficient of determination over those runs, ``ci_low/ci_high``
+the 2.5/97.5 percentiles of the slope over a bootstrap that resamples seeds with replacement within
+each width, and ``exponent_se`` the textbook OLS standard error. No slope is ever imposed.
+
+Both tables carry a fingerprint of the runs parts (names, sizes, mtimes) in their Parquet schema
+metadata; :func:`ensure_aggregates` recomputes them only when that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+from pipeline.run_config import RunConfig
+
+AGGREGATES = "aggregates"
+BY_WIDTH, SCALING = "by_width", "scaling"
+VERSION = "1"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
+FINGERPRINT_KEY = b"ntk_sweep.fingerprint"
+
+# The deviations from the kernel limit that shrink with width, fitted against it (plus every
+# ``weight_rel_change_layer<i>``). Order is the order of the report's panels.
+DEVIATION_MEASURES = (
+    "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "rmse_nn_lin_test",
+    "disagree_nn_lin_test", "rmse_nn_ntk_test", "relu_flip_frac",
+)
+# What Lee et al. (2019) report for NTK parameterisation and a small learning rate.
+EXPECTED_EXPONENT = {
+    "kernel_rel_dev_init": "-1/2",
+    "kernel_rel_change": "between -1/2 and -1",
+    "rmse_nn_lin_test": "between -1/2 and -1",
+}
+NOT_GROUPED = ("seed", "width", "lr", "sweep", "data_dir", "device")
+STATUSES = ("ok", "diverged", "failed")
+BOOTSTRAP = 2000
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_table(results: str | Path, kind: str) -> pa.Table | None:
+    """Every Parquet part of ``RESULTS/<kind>/`` as one table, Hive partition columns (``dataset``)
+    added from the folder names; parts whose columns differ (a column added later) are unified,
+    missing values null. None if there is no part."""
+    base = Path(results) / kind
+    files = sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return None
+    tables = []
+    for path in files:
+        table = pq.read_table(path)
+        for folder in path.relative_to(base).parts[:-1]:
+            key, sep, value = folder.partition("=")
+            if sep and key not in table.column_names:
+                table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def runs_parts(results: str | Path) -> list[Path]:
+    return sorted((Path(results) / "runs").glob("*/*.parquet"))
+
+
+def fingerprint(results: str | Path) -> str:
+    """Hash of the runs parts' names, sizes and mtimes, this module's table version and the config
+    fields (which make the group columns)."""
+    root = Path(results)
+    h = hashlib.sha256(f"{VERSION}|{','.join(RunConfig.model_fields)}\n".encode())
+    for part in runs_parts(root):
+        st = part.stat()
+        h.update(f"{part.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def aggregate_path(results: str | Path, name: str) -> Path:
+    return Path(results) / AGGREGATES / f"{name}.parquet"
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(FINGERPRINT_KEY)
+    return value.decode() if value else None
+
+
+def is_stale(results: str | Path) -> bool:
+    current = fingerprint(results)
+    return any(stored_fingerprint(aggregate_path(results, n)) != current for n in (BY_WIDTH, SCALING))
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs as arrays
+
+
+@dataclass
+class Runs:
+    """The runs table split into what the aggregates need. ``groups``: one row per group (the group
+    columns, their original types); ``group_ids``: a stable hash of each group's settings (the
+    ``group_id`` column of the aggregates); ``gid``: per run, its group's row in ``groups``;
+    ``width``, ``seed``, ``status``: per run; ``measures``: name -> float64 per run (NaN where missing)."""
+
+    groups: pa.Table
+    group_ids: list[str]
+    gid: np.ndarray
+    width: np.ndarray
+    seed: np.ndarray
+    status: np.ndarray
+    measures: dict[str, np.ndarray]
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _as_float(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def split_runs(table: pa.Table) -> Runs:
+    if "width" not in table.column_names:
+        raise UserError("runs table: no 'width' column")
+    config = set(RunConfig.model_fields)
+    group_cols = [c for c in RunConfig.model_fields if c in table.column_names and c not in NOT_GROUPED]
+    group_tbl = table.select(group_cols)
+    if "dataset" in group_cols:  # a Hive partition column may come back dictionary-encoded
+        group_tbl = group_tbl.set_column(group_cols.index("dataset"), "dataset",
+                                         group_tbl.column("dataset").cast(pa.string()))
+    settings = group_tbl.to_pylist()
+    keys = [json.dumps(r, sort_keys=True, default=str) for r in settings]
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    # Groups in a stable order: by their settings (dataset, n_train, ..., depth, activation, ...).
+    ordered = sorted(first, key=lambda k: tuple(_sort_key(v) for v in settings[first[k]].values()))
+    ids = {k: g for g, k in enumerate(ordered)}
+    gid = np.array([ids[k] for k in keys], dtype=np.int64)
+    groups = group_tbl.take(pa.array([first[k] for k in ordered], pa.int64()))
+    group_ids = [hashlib.sha256(k.encode()).hexdigest()[:12] for k in ordered]
+
+    n = table.num_rows
+    status = (np.array(table.column("status").to_pylist(), dtype=object) if "status" in table.column_names
+              else np.full(n, "ok", dtype=object))
+    seed = _as_float(table.column("seed")) if "seed" in table.column_names else np.zeros(n)
+    measures: dict[str, np.ndarray] = {}
+    for field in table.schema:
+        name = field.name
+        if name in config and name != "lr":
+            continue
+        if _numeric(field.type):
+            measures[name] = _as_float(table.column(name))
+        elif (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)) and name.endswith("_by_layer") \
+                and _numeric(field.type.value_type):
+            lists = table.column(name).to_pylist()
+            layers = max((len(v) for v in lists if v), default=0)
+            stem = name[: -len("_by_layer")]
+            for i in range(layers):
+                measures[f"{stem}_layer{i}"] = np.array(
+                    [float(v[i]) if v is not None and i < len(v) and v[i] is not None else math.nan for v in lists])
+    if "agree_nn_lin_test" in measures and "disagree_nn_lin_test" not in measures:
+        measures["disagree_nn_lin_test"] = 1.0 - measures["agree_nn_lin_test"]
+    width = _as_float(table.column("width")).astype(np.int64)
+    return Runs(groups=groups, group_ids=group_ids, gid=gid, width=width, seed=seed, status=status, measures=measures)
+
+
+def _sort_key(value: Any) -> tuple:
+    if value is None:
+        return (2, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def deviation_measures(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The measures that get a width-scaling fit, in report order: :data:`DEVIATION_MEASURES`,
+    then the per-layer weight changes."""
+    layers = sorted((m for m in names if m.startswith("weight_rel_change_layer")), key=lambda m: int(m[23:]))
+    return [m for m in DEVIATION_MEASURES if m in names] + layers
+
+
+def expected_exponent(measure: str, n_layers: int | None = None) -> str:
+    """The exponent Lee et al. (2019) report (NTK parameterisation, small learning rate), or ''."""
+    if measure.startswith("weight_rel_change_layer") and n_layers:
+        i = int(measure[23:])
+        return "-1/2" if i in (0, n_layers - 1) else "-1"
+    return EXPECTED_EXPONENT.get(measure, "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_quantile(count: np.ndarray) -> np.ndarray:
+    from scipy.stats import t
+
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(count >= 2, t.ppf(0.975, np.maximum(count - 1, 1)), np.nan)
+
+
+def fit_power_law(width: np.ndarray, value: np.ndarray, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Least-squares fit of ``log(value) = log(prefactor) + exponent * log(width)`` over the given
+    runs, with a bootstrap CI that resamples runs (seeds) with replacement within each width.
+
+    Non-finite values are ignored (``n_nonfinite``); non-positive ones are dropped (``n_dropped``).
+    Needs positive values at two widths or more, else ``exponent`` is NaN and ``note`` says why.
+    """
+    width = np.asarray(width, dtype=np.float64)
+    value = np.asarray(value, dtype=np.float64)
+    finite = np.isfinite(value) & np.isfinite(width) & (width > 0)
+    use = finite & (value > 0)
+    out: dict[str, Any] = {
+        "exponent": math.nan, "ci_low": math.nan, "ci_high": math.nan, "exponent_se": math.nan,
+        "prefactor": math.nan, "r2": math.nan, "width_min": None, "width_max": None, "n_widths": 0,
+        "n_points": int(use.sum()), "n_dropped": int((finite & ~use).sum()), "n_nonfinite": int((~finite).sum()),
+        "n_bootstrap": 0, "note": "",
+    }
+    x, z = np.log(width[use]), np.log(value[use])
+    levels = np.unique(width[use])
+    if len(levels):
+        out.update(width_min=int(levels.min()), width_max=int(levels.max()), n_widths=len(levels))
+    if len(levels) < 2:
+        out["note"] = "fewer than two widths with positive values"
+        return out
+    xm, zm = x.mean(), z.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    slope = float(((x - xm) * (z - zm)).sum() / sxx)
+    intercept = zm - slope * xm
+    resid = z - (intercept + slope * x)
+    ss_res, ss_tot = float((resid**2).sum()), float(((z - zm) ** 2).sum())
+    out.update(exponent=slope, prefactor=float(np.exp(intercept)),
+               r2=1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan)
+    if len(x) > 2:
+        out["exponent_se"] = math.sqrt(ss_res / (len(x) - 2) / sxx)
+    by_width = [np.flatnonzero(width[use] == w) for w in levels]
+    if max(len(ix) for ix in by_width) < 2:
+        out["note"] = "one run per width: no bootstrap over seeds"
+        return out
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([ix[rng.integers(0, len(ix), size=(n_boot, len(ix)))] for ix in by_width], axis=1)
+    xb, zb = x[idx], z[idx]
+    xc = xb - xb.mean(axis=1, keepdims=True)
+    slopes = (xc * (zb - zb.mean(axis=1, keepdims=True))).sum(axis=1) / (xc**2).sum(axis=1)
+    lo, hi = np.percentile(slopes, [2.5, 97.5])
+    out.update(ci_low=float(lo), ci_high=float(hi), n_bootstrap=n_boot)
+    if out["n_dropped"]:
+        out["note"] = f"{out['n_dropped']} non-positive value(s) dropped"
+    return out
+
+
+def by_width_table(runs: Runs) -> pa.Table:
+    """Per (group, width, measure): mean, std, count, sem, 95% CI over the ok runs, and run counts."""
+    import pandas as pd
+
+    names = list(runs.measures)
+    ok = runs.status == "ok"
+    keys = pd.DataFrame({"gid": runs.gid, "width": runs.width})
+    cells = keys.drop_duplicates().sort_values(["gid", "width"]).reset_index(drop=True)
+    counts = pd.DataFrame({"gid": runs.gid, "width": runs.width, "status": runs.status.astype(str)})
+    counts = counts.groupby(["gid", "width", "status"]).size().unstack("status", fill_value=0)
+    for s in STATUSES:
+        if s not in counts.columns:
+            counts[s] = 0
+    counts["n_runs"] = counts.sum(axis=1) if len(counts.columns) else 0
+    cells = cells.merge(counts.reset_index(), on=["gid", "width"], how="left").fillna(0)
+
+    frame = pd.DataFrame({"gid": runs.gid[ok], "width": runs.width[ok], **{m: v[ok] for m, v in runs.measures.items()}})
+    long = frame.melt(id_vars=["gid", "width"], value_vars=names, var_name="measure", value_name="value")
+    stats = long.groupby(["gid", "width", "measure"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    measured = set(stats.loc[stats["count"] > 0, "measure"])
+    names = [m for m in names if m in measured]  # e.g. diverged_step: never set on an ok run
+    if names:
+        grid = cells.merge(pd.DataFrame({"measure": names}), how="cross")
+        grid = grid.merge(stats, on=["gid", "width", "measure"], how="left")
+    else:  # no ok run anywhere: one row per (group, width) keeps the diverged/failed counts
+        grid = cells.assign(measure=None, mean=math.nan, std=math.nan, count=0)
+    grid["count"] = grid["count"].fillna(0).astype(np.int64)
+    count = grid["count"].to_numpy(dtype=np.float64)
+    std = grid["std"].to_numpy(dtype=np.float64)
+    mean = grid["mean"].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sem = np.where(count >= 2, std / np.sqrt(count), np.nan)
+    half = t_quantile(count) * sem
+    order = {m: i for i, m in enumerate(names)}
+    grid["_order"] = grid["measure"].map(order)
+    sort = np.lexsort((grid["_order"].to_numpy(), grid["width"].to_numpy(), grid["gid"].to_numpy()))
+
+    cols = {
+        "width": pa.array(grid["width"].to_numpy(dtype=np.int64)[sort]),
+        "measure": pa.array(grid["measure"].to_numpy(dtype=object)[sort].tolist(), pa.string()),
+        "mean": pa.array(mean[sort]), "std": pa.array(std[sort]),
+        "count": pa.array(count[sort].astype(np.int64)), "sem": pa.array(sem[sort]),
+        "ci_low": pa.array((mean - half)[sort]), "ci_high": pa.array((mean + half)[sort]),
+        "n_runs": pa.array(grid["n_runs"].to_numpy(dtype=np.int64)[sort]),
+        "n_ok": pa.array(grid["ok"].to_numpy(dtype=np.int64)[sort]),
+        "n_diverged": pa.array(grid["diverged"].to_numpy(dtype=np.int64)[sort]),
+        "n_failed": pa.array(grid["failed"].to_numpy(dtype=np.int64)[sort]),
+    }
+    gids = grid["gid"].to_numpy(dtype=np.int64)[sort]
+    return _with_groups(runs, gids, cols)
+
+
+def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP) -> pa.Table:
+    """Per (group, deviation measure): the log-log fit against width (:func:`fit_power_law`)."""
+    ok = runs.status == "ok"
+    rows: list[dict[str, Any]] = []
+    gids: list[int] = []
+    for g in range(runs.groups.num_rows):
+        sel = ok & (runs.gid == g)
+        for measure in deviation_measures(list(runs.measures)):
+            values = runs.measures[measure][sel]
+            if not np.isfinite(values).any():
+                continue  # not measured for this group (e.g. relu_flip_frac of a smooth activation)
+            # The bootstrap's seed depends on the group and measure only, not on the other groups.
+            seed = int.from_bytes(hashlib.sha256(f"{runs.group_ids[g]}|{measure}".encode()).digest()[:4], "little")
+            fit = fit_power_law(runs.width[sel], values, n_boot=n_boot, seed=seed)
+            rows.append({"measure": measure, **fit})
+            gids.append(g)
+    fields = {
+        "measure": pa.string(), "exponent": pa.float64(), "ci_low": pa.float64(), "ci_high": pa.float64(),
+        "exponent_se": pa.float64(), "prefactor": pa.float64(), "r2": pa.float64(), "width_min": pa.int64(),
+        "width_max": pa.int64(), "n_widths": pa.int64(), "n_points": pa.int64(), "n_dropped": pa.int64(),
+        "n_nonfinite": pa.int64(), "n_bootstrap": pa.int64(), "note": pa.string(),
+    }
+    cols = {k: pa.array([r[k] for r in rows], t) for k, t in fields.items()}
+    return _with_groups(runs, np.array(gids, dtype=np.int64), cols)
+
+
+def _with_groups(runs: Runs, gids: np.ndarray, cols: dict[str, pa.Array]) -> pa.Table:
+    out = runs.groups.take(pa.array(gids, pa.int64()))
+    out = out.add_column(0, "group_id", pa.array([runs.group_ids[g] for g in gids], pa.string()))
+    for name, col in cols.items():
+        out = out.append_column(name, col)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Computing and storing
+
+
+def compute(results: str | Path, *, n_boot: int = BOOTSTRAP) -> tuple[pa.Table, pa.Table]:
+    """``(by_width, scaling)`` of a results directory, without writing anything."""
+    table = read_table(results, "runs")
+    if table is None or table.num_rows == 0:
+        raise UserError(f"{Path(results) / 'runs'}: no runs yet (run a sweep into {results} first)")
+    runs = split_runs(table)
+    return by_width_table(runs), scaling_table(runs, n_boot=n_boot)
+
+
+def ensure_aggregates(results: str | Path, *, force: bool = False) -> bool:
+    """Write ``RESULTS/aggregates/{by_width,scaling}.parquet`` if the runs changed since they were
+    computed (or ``force``). Returns True if they were recomputed."""
+    from pipeline.store import write_parquet_atomic
+
+    root = Path(results)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a results directory")
+    if not force and not is_stale(root):
+        return False
+    stamp = fingerprint(root)
+    tables = compute(root)
+    if fingerprint(root) != stamp:  # a sweep committed a part meanwhile: the next call recomputes
+        stamp = "changed-while-computing"
+    meta = {FINGERPRINT_KEY: stamp.encode(), b"ntk_sweep.aggregate_version": VERSION.encode()}
+    for name, table in zip((BY_WIDTH, SCALING), tables, strict=True):
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+        write_parquet_atomic(table, aggregate_path(root, name))
+    return True
+
+
+def load(results: str | Path, name: str, *, refresh: bool = True):
+    """One aggregate table (``"by_width"`` or ``"scaling"``) as a pandas DataFrame, recomputed first
+    if stale (``refresh``)."""
+    if refresh:
+        ensure_aggregates(results)
+    path = aggregate_path(results, name)
+    if not path.exists():
+        raise UserError(f"{path}: no such aggregate table")
+    return pq.read_table(path).to_pandas()
