@@ -32,7 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.runner import submit_sweep
 
-    job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir)
+    job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir, python=args.python)
     print(job_id)
     return 0
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
     submit.add_argument("--out", default="results", help="results directory on the cluster's head node")
     submit.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
+    submit.add_argument("--python", default="python", help="the cluster's interpreter (default: python on its PATH)")
     submit.set_defaults(func=_cmd_submit)
 
     status = sub.add_parser("status", help="progress of a results directory, or of a submitted job id")

@@ -217,22 +217,42 @@ def run_sweep(
     return summary
 
 
-def submit_sweep(job: str | Path, out: str, address: str, working_dir: str | Path = ".") -> str:
-    """Submit ``ntk-sweep run JOB --out OUT --address auto`` as a Ray Job; returns the job id.
-
-    The entrypoint runs with the cluster's Python, which must have this project installed (the
-    setup commands of cluster.yaml do that); ``working_dir`` ships the job file and the code.
-    """
+def _jobs_client(address: str):
+    r"""A Ray Jobs client; uses the cluster's auth token when one is available (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Failures become one-line :class:`UserError`\s."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read once, when ray is first imported
     from ray.job_submission import JobSubmissionClient
 
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - connection refused, auth required, bad URL
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "uthenticat" in str(exc):
+            first = "authentication required: set RAY_AUTH_TOKEN or put the cluster's token in ~/.ray/auth_token"
+        raise UserError(f"{address}: cannot reach the Ray Jobs API: {first}") from None
+
+
+def submit_sweep(job: str | Path, out: str, address: str, working_dir: str | Path = ".",
+                 python: str = "python") -> str:
+    """Submit ``ntk-sweep run JOB --out OUT --address auto`` as a Ray Job; returns the job id.
+
+    The entrypoint runs on the head node with ``python`` as found on the PATH that Ray was started
+    with (cluster.yaml activates the project's venv first), or the interpreter given; it must have
+    this project installed. ``working_dir`` ships the job file and the code.
+    """
     load_sweep(job)  # fail here, not on the cluster
-    client = JobSubmissionClient(address)
+    client = _jobs_client(address)
     job_path = Path(job)
     rel = job_path.resolve().relative_to(Path(working_dir).resolve()) if job_path.is_absolute() else job_path
-    return client.submit_job(
-        entrypoint=f"python -m pipeline.cli run {rel} --out {out} --address auto",
-        runtime_env={"working_dir": str(working_dir), "excludes": [".venv", ".git", "results", "*.zarr"]},
-    )
+    try:
+        return client.submit_job(
+            entrypoint=f"{python} -m pipeline.cli run {rel} --out {out} --address auto",
+            runtime_env={"working_dir": str(working_dir), "excludes": [".venv", ".git", "results", "*.zarr"]},
+        )
+    except RuntimeError as exc:
+        raise UserError(f"{address}: job submission failed: {str(exc).strip().splitlines()[0]}") from None
 
 
 def results_status(out: str | Path) -> str:
@@ -253,11 +273,13 @@ def results_status(out: str | Path) -> str:
 
 
 def job_status(job_id: str, address: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = _jobs_client(address)
+    try:
+        status = client.get_job_status(job_id)
+    except RuntimeError as exc:
+        raise UserError(f"{address}: no job {job_id!r} ({str(exc).strip().splitlines()[0]})") from None
     logs = client.get_job_logs(job_id).strip().splitlines()
-    return f"{job_id}: {client.get_job_status(job_id)}" + (f"\n{logs[-1]}" if logs else "")
+    return f"{job_id}: {status}" + (f"\n{logs[-1]}" if logs else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -183,3 +183,59 @@ def test_results_path_that_is_a_file_is_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         ResultsStore(f)
+
+
+@pytest.fixture
+def ray_head():
+    """A real single-node Ray head on loopback (own ports, own temp dir), stopped afterwards."""
+    import shutil
+    import tempfile
+
+    venv_bin = str(Path(sys.executable).parent)
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's socket paths must stay < 108 bytes
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    ports = dict(port=46379, dashboard=48265, agent=52366, agent_grpc=52367, metrics=52368, runtime_env=52369)
+    cmd = [f"{venv_bin}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports["port"]),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
+           "--dashboard-agent-listen-port", str(ports["agent"]), "--dashboard-agent-grpc-port",
+           str(ports["agent_grpc"]), "--metrics-export-port", str(ports["metrics"]), "--runtime-env-agent-port",
+           str(ports["runtime_env"]), "--num-cpus", "1", "--temp-dir", str(temp)]
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{ports['dashboard']}"
+    finally:
+        ps = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True)
+        for pid in ps.stdout.split():
+            subprocess.run(["kill", "-9", pid], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_runs_the_sweep_as_a_ray_job_and_status_follows_it(tmp_path, ray_head):
+    work = tmp_path / "work"
+    (work / "jobs").mkdir(parents=True)
+    write_job(work / "jobs", {**TINY, "name": "submitted", "widths": [16], "seeds": 2, "kernels": {"store": "none"}},
+              "tiny.yaml")
+    out = tmp_path / "results"
+    submitted = subprocess.run(_ntk_sweep("submit", "jobs/tiny.yaml", "--address", ray_head, "--out", str(out)),
+                               cwd=work, capture_output=True, text=True, timeout=180)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_")
+    deadline, line = time.time() + 300, ""
+    while time.time() < deadline:
+        status = subprocess.run(_ntk_sweep("status", job_id, "--address", ray_head), capture_output=True,
+                                text=True, timeout=60)
+        line = status.stdout.splitlines()[0] if status.stdout else status.stderr
+        if any(word in line for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    assert "SUCCEEDED" in line, status.stdout + status.stderr
+    assert read_runs(out).num_rows == 2
+
+
+def test_submit_to_nowhere_is_one_line_exit_2(tmp_path, capsys):
+    job = write_job(tmp_path, TINY)
+    assert main(["submit", str(job), "--address", "http://127.0.0.1:9", "--out", "r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: http://127.0.0.1:9: cannot reach the Ray Jobs API") and "\n" not in err
