@@ -26,9 +26,24 @@ class _Strict(BaseModel):
 
 
 def _positive_list(values: Any) -> list[int]:
+    """A bare number where a list is expected means a one-element list."""
     if isinstance(values, int) and not isinstance(values, bool):
         values = [values]
     return values
+
+
+def _each_at_least(minimum: int):
+    """A validator that names the offending index: ``[1] must be > 0, got -4``."""
+    op = ">" if minimum == 1 else ">="
+    bound = 0 if minimum == 1 else minimum
+
+    def check(cls, values: list[int]) -> list[int]:
+        for i, v in enumerate(values):
+            if v < minimum:
+                raise ValueError(f"[{i}] must be {op} {bound}, got {v}")
+        return values
+
+    return classmethod(check)
 
 
 class DatasetSpec(_Strict):
@@ -41,14 +56,7 @@ class DatasetSpec(_Strict):
     data_seed: int = Field(0, ge=0)
 
     _listify = field_validator("n_train", mode="before")(_positive_list)
-
-    @field_validator("n_train")
-    @classmethod
-    def _positive(cls, values: list[int]) -> list[int]:
-        for i, v in enumerate(values):
-            if v <= 0:
-                raise ValueError(f"[{i}] must be > 0, got {v}")
-        return values
+    _positive = field_validator("n_train")(_each_at_least(1))
 
 
 class ArchitectureSpec(_Strict):
@@ -60,13 +68,7 @@ class ArchitectureSpec(_Strict):
 
     _listify = field_validator("depth", mode="before")(_positive_list)
 
-    @field_validator("depth")
-    @classmethod
-    def _non_negative(cls, values: list[int]) -> list[int]:
-        for i, v in enumerate(values):
-            if v < 0:
-                raise ValueError(f"[{i}] must be >= 0, got {v}")
-        return values
+    _non_negative = field_validator("depth")(_each_at_least(0))
 
     @field_validator("activation")
     @classmethod
@@ -112,13 +114,8 @@ class Sweep(_Strict):
     resources: ResourceSpec = ResourceSpec()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @field_validator("widths")
-    @classmethod
-    def _positive_widths(cls, values: list[int]) -> list[int]:
-        for i, v in enumerate(values):
-            if v <= 0:
-                raise ValueError(f"[{i}] must be > 0, got {v}")
-        return values
+    _listify = field_validator("widths", mode="before")(_positive_list)
+    _positive_widths = field_validator("widths")(_each_at_least(1))
 
     @field_validator("seeds")
     @classmethod
