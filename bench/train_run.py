@@ -42,8 +42,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer widths and steps (smoke test)")
+    parser.add_argument("--widths", type=int, nargs="*", help="widths of table 1 (default 64..4096; none: skip it)")
+    parser.add_argument("--pack-widths", type=int, nargs="*", help="widths of table 2 (default 64..512)")
     args = parser.parse_args()
     widths = [64, 256, 1024] if args.quick else [64, 128, 256, 512, 1024, 2048, 4096]
+    widths = widths if args.widths is None else args.widths
+    pack_widths = ([64, 256] if args.quick else [64, 128, 256, 512]) if args.pack_widths is None else args.pack_widths
     steps = 20 if args.quick else args.steps
 
     def config(width: int, seed: int = 0) -> RunConfig:
@@ -69,7 +73,7 @@ def main() -> None:
 
     print()
     print(f"{'width':>6} {'8 separate s':>13} {'8-seed pack s':>14} {'speed-up':>9}")
-    for width in ([64, 256] if args.quick else [64, 128, 256, 512]):
+    for width in pack_widths:
         configs = [config(width, seed) for seed in range(8)]
         separate = timed(lambda cs=configs: [train_run(c, subset=subset, analytic=analytic) for c in cs],
                          args.repeats)

@@ -2,6 +2,7 @@
 
     RESULTS/aggregates/by_width.parquet   one row per (group, width, measure): mean, std, count, 95% CI
     RESULTS/aggregates/scaling.parquet    one row per (group, measure): log(measure) ~ exponent * log(width)
+    RESULTS/aggregates/gp_init.parquet    one row per (group, width): outputs at init vs the NNGP (see pipeline.gp_init)
 
 A *group* is one setting of every config column of :class:`~pipeline.run_config.RunConfig` but
 ``seed`` and ``width`` (and ``sweep``, ``data_dir``, ``device``, which do not change a result; and
@@ -24,8 +25,9 @@ width**exponent``), ``r2`` the coefficient of determination over those runs, ``c
 the 2.5/97.5 percentiles of the slope over a bootstrap that resamples seeds with replacement within
 each width, and ``exponent_se`` the textbook OLS standard error. No slope is ever imposed.
 
-Both tables carry a fingerprint of the runs parts (names, sizes, mtimes) in their Parquet schema
-metadata; :func:`ensure_aggregates` recomputes them only when that changed.
+The three tables carry a fingerprint of the runs parts (names, sizes, mtimes) in their Parquet schema
+metadata; :func:`ensure_aggregates` recomputes them only when that changed (a pack's ``outputs``
+part is committed before its ``runs`` part, so the runs fingerprint covers ``gp_init`` too).
 """
 
 from __future__ import annotations
@@ -45,14 +47,17 @@ from pipeline.errors import UserError
 from pipeline.run_config import RunConfig
 
 AGGREGATES = "aggregates"
-BY_WIDTH, SCALING = "by_width", "scaling"
-VERSION = "1"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
+BY_WIDTH, SCALING, GP_INIT = "by_width", "scaling", "gp_init"
+TABLES = (BY_WIDTH, SCALING, GP_INIT)
+VERSION = "2"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
 FINGERPRINT_KEY = b"ntk_sweep.fingerprint"
 
 # The deviations from the kernel limit that shrink with width, fitted against it (plus every
-# ``weight_rel_change_layer<i>``). Order is the order of the report's panels.
+# ``weight_rel_change_layer<i>``). Order is the order of the report's panels. ``weight_distance``
+# (the absolute |theta_T - theta_0|) is fitted too: lazy training in NTK parameterisation keeps it
+# O(1) while the parameter count grows, so its exponent is ~0 where the relative change vanishes.
 DEVIATION_MEASURES = (
-    "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "rmse_nn_lin_test",
+    "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "weight_distance", "rmse_nn_lin_test",
     "disagree_nn_lin_test", "rmse_nn_ntk_test", "relu_flip_frac",
 )
 # What Lee et al. (2019) report for NTK parameterisation and a small learning rate.
@@ -60,6 +65,7 @@ EXPECTED_EXPONENT = {
     "kernel_rel_dev_init": "-1/2",
     "kernel_rel_change": "between -1/2 and -1",
     "rmse_nn_lin_test": "between -1/2 and -1",
+    "weight_distance": "0, bounded",
 }
 NOT_GROUPED = ("seed", "width", "lr", "sweep", "data_dir", "device")
 STATUSES = ("ok", "diverged", "failed")
@@ -119,7 +125,7 @@ def stored_fingerprint(path: Path) -> str | None:
 
 def is_stale(results: str | Path) -> bool:
     current = fingerprint(results)
-    return any(stored_fingerprint(aggregate_path(results, n)) != current for n in (BY_WIDTH, SCALING))
+    return any(stored_fingerprint(aggregate_path(results, n)) != current for n in TABLES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +377,11 @@ def _with_groups(runs: Runs, gids: np.ndarray, cols: dict[str, pa.Array]) -> pa.
 # Computing and storing
 
 
-def compute(results: str | Path, *, n_boot: int = BOOTSTRAP) -> tuple[pa.Table, pa.Table]:
-    """``(by_width, scaling)`` of a results directory, without writing anything."""
-    table = read_table(results, "runs")
+def compute(results: str | Path, *, n_boot: int = BOOTSTRAP, runs_table: pa.Table | None = None
+            ) -> tuple[pa.Table, pa.Table]:
+    """``(by_width, scaling)`` of a results directory, without writing anything. ``runs_table``: the
+    runs table, if the caller has read it already."""
+    table = runs_table if runs_table is not None else read_table(results, "runs")
     if table is None or table.num_rows == 0:
         raise UserError(f"{Path(results) / 'runs'}: no runs yet (run a sweep into {results} first)")
     runs = split_runs(table)
@@ -381,8 +389,10 @@ def compute(results: str | Path, *, n_boot: int = BOOTSTRAP) -> tuple[pa.Table, 
 
 
 def ensure_aggregates(results: str | Path, *, force: bool = False) -> bool:
-    """Write ``RESULTS/aggregates/{by_width,scaling}.parquet`` if the runs changed since they were
-    computed (or ``force``). Returns True if they were recomputed."""
+    """Write ``RESULTS/aggregates/{by_width,scaling,gp_init}.parquet`` if the runs changed since they
+    were computed (or ``force``). Returns True if they were recomputed. ``gp_init`` has zero rows
+    when no width has two seeds with stored outputs at init (results written before the ``outputs``
+    table existed)."""
     from pipeline.store import write_parquet_atomic
 
     root = Path(results)
@@ -391,19 +401,22 @@ def ensure_aggregates(results: str | Path, *, force: bool = False) -> bool:
     if not force and not is_stale(root):
         return False
     stamp = fingerprint(root)
-    tables = compute(root)
+    from pipeline.gp_init import gp_init_table
+
+    runs_table = read_table(root, "runs")
+    tables = (*compute(root, runs_table=runs_table), gp_init_table(root, runs_table=runs_table))
     if fingerprint(root) != stamp:  # a sweep committed a part meanwhile: the next call recomputes
         stamp = "changed-while-computing"
     meta = {FINGERPRINT_KEY: stamp.encode(), b"ntk_sweep.aggregate_version": VERSION.encode()}
-    for name, table in zip((BY_WIDTH, SCALING), tables, strict=True):
+    for name, table in zip(TABLES, tables, strict=True):
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         write_parquet_atomic(table, aggregate_path(root, name))
     return True
 
 
 def load(results: str | Path, name: str, *, refresh: bool = True):
-    """One aggregate table (``"by_width"`` or ``"scaling"``) as a pandas DataFrame, recomputed first
-    if stale (``refresh``)."""
+    """One aggregate table (``"by_width"``, ``"scaling"`` or ``"gp_init"``) as a pandas DataFrame,
+    recomputed first if stale (``refresh``)."""
     if refresh:
         ensure_aggregates(results)
     path = aggregate_path(results, name)

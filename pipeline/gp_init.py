@@ -1,8 +1,9 @@
 """Gaussian process at initialisation: across the seeds of one width, the outputs ``f(x; theta0)`` on
 the test points are samples of a centred GP with covariance ``K_NNGP`` (Neal 1996; Lee et al. 2018).
 
-For each group of runs that differ only in seed, with ``S`` seeds and ``K`` outputs (``M = S K``
-independent samples of the GP in the infinite-width limit):
+For each group of runs (a group of :mod:`pipeline.aggregate`: one setting of every config field but
+seed and width) and width, with ``S`` distinct seeds that stored their outputs at init (the
+``outputs`` table) and ``K`` outputs (``M = S K`` independent samples of the GP in the limit):
 
 * ``nngp_cov_rel_err = |C - K|_F / |K|_F`` with ``C = (1/M) sum f f^T`` (the mean is known to be 0);
 * ``nngp_cov_rel_err_floor = sqrt((|K|_F^2 + tr(K)^2) / M) / |K|_F``: the error a true GP would give
@@ -10,13 +11,23 @@ independent samples of the GP in the infinite-width limit):
   the seeds cannot resolve the finite-width bias; well above it, the bias (O(1/width)) dominates;
 * ``ks_stat``: Kolmogorov-Smirnov distance of the standardised marginals ``f(x)/sqrt(K(x, x))``,
   pooled over points, seeds and outputs, from ``N(0, 1)``, with its p-value (pooled values from one
-  network are correlated, so read the p-value as descriptive).
+  network are correlated, so read the p-value as descriptive); ``ks_stat_floor``: the median KS
+  distance of the same statistic computed on ``M`` exact draws of the GP ``N(0, K)`` (simulated,
+  seeded): what a true GP gives with this many seeds and these correlations;
+* ``seeds_by_count`` / ``nngp_cov_rel_err_by_seeds`` / ``nngp_cov_rel_err_floor_by_seeds``: the same
+  error from the first 2, 4, 8, ... seeds (in seed order) and from all ``S``: how it shrinks with the
+  seed count (toward the floor, ``~ S^-1/2``, until the finite-width bias is reached).
 
-Written to ``RESULTS/aggregates/gp_init.parquet``.
+The analytic NNGP is recomputed on the test points (it depends on the inputs and the architecture
+only, not on the width). Groups whose data cannot be loaded here are skipped and named in the table's
+schema metadata (``ntk_sweep.gp_init_skipped``). Written by :func:`pipeline.aggregate.ensure_aggregates`
+to ``RESULTS/aggregates/gp_init.parquet`` (a view ``gp_init`` in ``ntk-sweep query``), with zero rows
+and the same columns when no width has two seeds with stored outputs.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,7 +37,15 @@ import pyarrow as pa
 from pipeline.run_config import RunConfig
 from pipeline.store import OUTPUTS, RUNS, ResultsStore, write_parquet_atomic
 
-GROUP_EXCLUDE = {"seed", "run_id", "sweep", "data_dir", "device"}
+KS_FLOOR_DRAWS = 32  # simulated GP draws behind ks_stat_floor
+SKIPPED_KEY = b"ntk_sweep.gp_init_skipped"
+MEASURE_FIELDS = {
+    "width": pa.int64(), "seeds": pa.int64(), "outputs": pa.int64(),
+    "nngp_cov_rel_err": pa.float64(), "nngp_cov_rel_err_floor": pa.float64(),
+    "ks_stat": pa.float64(), "ks_pvalue": pa.float64(), "ks_stat_floor": pa.float64(),
+    "seeds_by_count": pa.list_(pa.int64()), "nngp_cov_rel_err_by_seeds": pa.list_(pa.float64()),
+    "nngp_cov_rel_err_floor_by_seeds": pa.list_(pa.float64()),
+}
 
 
 def covariance_error(f0: np.ndarray, nngp: np.ndarray) -> tuple[float, float]:
@@ -48,53 +67,145 @@ def normality(f0: np.ndarray, nngp_diag: np.ndarray) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def gp_init_table(results: str | Path, data_dir: str | None = None) -> pa.Table:
-    """One row per (config without seed) group with at least 2 seeds: the measures above."""
-    from pipeline.train import analytic_kernels, load_subset
+def gp_sqrt(nngp: np.ndarray) -> np.ndarray:
+    """``L`` with ``L L^T = K`` (symmetric square root, negative rounding eigenvalues clipped)."""
+    lam, vec = np.linalg.eigh(nngp)
+    return vec * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+
+
+def ks_floor(root: np.ndarray, nngp_diag: np.ndarray, seeds: int, outputs: int, *, draws: int = KS_FLOOR_DRAWS,
+             seed: int = 0) -> float:
+    """Median KS statistic of :func:`normality` over ``draws`` simulated sets of ``seeds x outputs``
+    exact GP samples (``root``: :func:`gp_sqrt` of the NNGP)."""
+    rng = np.random.default_rng(seed)
+    n = len(root)
+    stats = []
+    for _ in range(draws):
+        f0 = (root @ rng.normal(size=(n, seeds * outputs))).reshape(n, seeds, outputs).transpose(1, 0, 2)
+        stats.append(normality(f0, nngp_diag)[0])
+    return float(np.median(stats))
+
+
+def seed_counts(total: int) -> list[int]:
+    """2, 4, 8, ... below ``total``, then ``total``."""
+    counts, c = [], 2
+    while c < total:
+        counts.append(c)
+        c *= 2
+    return counts + [total]
+
+
+def _subset_config(row: dict) -> RunConfig:
+    """A config with the row's subset and architecture (what the NNGP depends on); the learning rate is
+    left out (a failed run records none, and it does not matter here)."""
+    fields = {k: row[k] for k in RunConfig.model_fields if k in row and row[k] is not None and k != "lr"}
+    fields["classes"] = tuple(fields["classes"]) if fields.get("classes") else None
+    return RunConfig(**fields)
+
+
+def _load_subset(config: RunConfig, data_dir: str | None):
+    from pipeline.train import load_subset
+
+    if data_dir is not None:
+        return load_subset(config.model_copy(update={"data_dir": data_dir}))
+    try:
+        return load_subset(config)
+    except Exception:  # noqa: BLE001 - a data_dir recorded on another machine: try the default root
+        if config.data_dir is None:
+            raise
+        return load_subset(config.model_copy(update={"data_dir": None}))
+
+
+def empty_table(group_fields: list[pa.Field] | None = None) -> pa.Table:
+    fields = [pa.field("group_id", pa.string()), *(group_fields or [])]
+    fields += [pa.field(k, t) for k, t in MEASURE_FIELDS.items() if k not in {f.name for f in fields}]
+    return pa.schema(fields).empty_table()
+
+
+def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: pa.Table | None = None) -> pa.Table:
+    """One row per (group, width) with at least 2 seeds that stored outputs: the measures above, after
+    ``group_id`` and the group columns (as in ``by_width``). ``runs_table``: the runs table if the
+    caller has read it already."""
+    from kernels.analytic import mlp_kernels
+    from pipeline.aggregate import read_table, split_runs
 
     store = ResultsStore(results)
-    runs, outputs = store.table(RUNS), store.table(OUTPUTS)
-    if not runs.num_rows or not outputs.num_rows:
-        return pa.table({})
-    f0_by_id = {rid: (np.asarray(f, dtype=np.float32), n, k) for rid, f, n, k in zip(
+    runs_table = runs_table if runs_table is not None else read_table(results, RUNS)
+    outputs = store.table(OUTPUTS)
+    if runs_table is None or not runs_table.num_rows or "run_id" not in runs_table.column_names:
+        return empty_table()
+    runs = split_runs(runs_table)
+    group_fields = list(runs.groups.schema)
+    if not outputs.num_rows:
+        return empty_table(group_fields)
+    f0_by_id = {rid: (f, n, k) for rid, f, n, k in zip(
         *(outputs.column(c).to_pylist() for c in ("run_id", "f0_test", "n_test", "k")), strict=True)}
-    groups: dict[tuple, list[dict]] = {}
-    for row in runs.to_pylist():
-        if row["run_id"] in f0_by_id:
-            key = tuple((c, str(v)) for c, v in sorted(row.items()) if c in RunConfig.model_fields
-                        and c not in GROUP_EXCLUDE)
-            groups.setdefault(key, []).append(row)
-    analytic_cache: dict[str, np.ndarray] = {}
-    rows = []
-    for members in groups.values():
-        if len(members) < 2:
+    rows_all = runs_table.to_pylist()
+    members: dict[tuple[int, int], dict[int, int]] = {}  # (group, width) -> seed -> row index
+    for i, row in enumerate(rows_all):
+        if row["run_id"] in f0_by_id and f0_by_id[row["run_id"]][0] is not None:
+            members.setdefault((int(runs.gid[i]), int(runs.width[i])), {}).setdefault(int(runs.seed[i]), i)
+    analytic_cache: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    floors: dict[tuple, float] = {}  # the same simulated draws for every width of a group
+    out_rows, gids, skipped = [], [], {}
+    for (g, width), by_seed in sorted(members.items()):
+        if len(by_seed) < 2:
             continue
-        config = RunConfig.from_row(members[0])
-        if data_dir is not None:
-            config = config.model_copy(update={"data_dir": data_dir})
-        subset = load_subset(config)
-        cache_key = repr((subset.key, config.depth, config.activation, config.w_std, config.b_std,
-                          config.parameterization, config.width if config.parameterization == "standard" else 0))
-        if cache_key not in analytic_cache:
-            analytic_cache[cache_key] = analytic_kernels(config, subset)["nngp"][subset.n_train:, subset.n_train:]
-        nngp = analytic_cache[cache_key]
-        f0 = np.stack([f0_by_id[m["run_id"]][0].reshape(f0_by_id[m["run_id"]][1], -1) for m in members])
+        idx = [by_seed[s] for s in sorted(by_seed)]
+        config = _subset_config(rows_all[idx[0]])
+        try:
+            subset = _load_subset(config, data_dir)
+            cache_key = json.dumps([subset.key, config.depth, config.activation, config.w_std, config.b_std])
+            if cache_key not in analytic_cache:
+                nngp = mlp_kernels(subset.x_test.astype(np.float64), depth=config.depth,
+                                   activation=config.activation, w_std=config.w_std, b_std=config.b_std,
+                                   get=("nngp",))["nngp"]
+                analytic_cache[cache_key] = (nngp, gp_sqrt(nngp))
+        except Exception as exc:  # noqa: BLE001 - e.g. the dataset is not on this machine: skip the group
+            skipped[runs.group_ids[g]] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        nngp, root = analytic_cache[cache_key]
+        f0 = np.stack([np.asarray(f0_by_id[rows_all[i]["run_id"]][0], dtype=np.float64)
+                       .reshape(f0_by_id[rows_all[i]["run_id"]][1], -1) for i in idx])
+        if f0.shape[1] != len(nngp):
+            skipped[runs.group_ids[g]] = f"outputs on {f0.shape[1]} test points, the subset has {len(nngp)}"
+            continue
+        s, _, k = f0.shape
         err, floor = covariance_error(f0, nngp)
         ks, p_value = normality(f0, np.diag(nngp))
-        rows.append({
-            "dataset": config.dataset, "n_train": config.n_train, "n_test": config.n_test, "depth": config.depth,
-            "activation": config.activation, "parameterization": config.parameterization, "w_std": config.w_std,
-            "b_std": config.b_std, "width": config.width, "seeds": len(members), "outputs": f0.shape[2],
+        counts = seed_counts(s)
+        by_seeds = [covariance_error(f0[:c], nngp) for c in counts]
+        if (cache_key, s, k) not in floors:
+            floors[cache_key, s, k] = ks_floor(root, np.diag(nngp), s, k)
+        out_rows.append({
+            "width": width, "seeds": s, "outputs": k,
             "nngp_cov_rel_err": err, "nngp_cov_rel_err_floor": floor, "ks_stat": ks, "ks_pvalue": p_value,
+            "ks_stat_floor": floors[cache_key, s, k],
+            "seeds_by_count": counts, "nngp_cov_rel_err_by_seeds": [e for e, _ in by_seeds],
+            "nngp_cov_rel_err_floor_by_seeds": [f for _, f in by_seeds],
         })
-    rows.sort(key=lambda r: (r["dataset"], r["n_train"], r["depth"], r["activation"], r["width"]))
-    return pa.Table.from_pylist(rows) if rows else pa.table({})
+        gids.append(g)
+    table = empty_table(group_fields)
+    if out_rows:
+        from pipeline.aggregate import _with_groups
+
+        cols = {k: pa.array([r[k] for r in out_rows], t) for k, t in MEASURE_FIELDS.items()}
+        table = _with_groups(runs, np.array(gids, dtype=np.int64), cols)
+    if skipped:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SKIPPED_KEY: json.dumps(skipped).encode()})
+    return table
 
 
-def write_gp_init(results: str | Path, data_dir: str | None = None) -> Path | None:
-    table = gp_init_table(results, data_dir)
-    if not table.num_rows:
-        return None
+def skipped_groups(table: pa.Table) -> dict[str, str]:
+    """group_id -> why it has no gp_init rows (its data could not be loaded), from the metadata."""
+    raw = (table.schema.metadata or {}).get(SKIPPED_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def write_gp_init(results: str | Path, data_dir: str | None = None) -> Path:
+    """Compute and write ``RESULTS/aggregates/gp_init.parquet`` (no fingerprint: prefer
+    :func:`pipeline.aggregate.ensure_aggregates`, which writes it with the other aggregates)."""
     path = Path(results) / "aggregates" / "gp_init.parquet"
-    write_parquet_atomic(table, path)
+    write_parquet_atomic(gp_init_table(results, data_dir), path)
     return path

@@ -6,6 +6,8 @@ Views, one per table that exists:
     curves     RESULTS/curves/*/*.parquet     one row per (run_id, logged step)
     by_width   RESULTS/aggregates/by_width.parquet   (see :mod:`pipeline.aggregate`)
     scaling    RESULTS/aggregates/scaling.parquet
+    gp_init    RESULTS/aggregates/gp_init.parquet    (see :mod:`pipeline.gp_init`)
+    spectral   RESULTS/spectral/*/*.parquet   residual energy per NTK eigen-band per logged step
     <name>     any other RESULTS/<name>/ folder of Parquet parts, and RESULTS/aggregates/<name>.parquet
 
 The aggregates are recomputed first when the runs changed and the SQL names one of them. Parts
@@ -32,7 +34,8 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-CORE_TABLES = ("runs", "curves", "by_width", "scaling")
+AGGREGATES = ("by_width", "scaling", "gp_init")
+CORE_TABLES = ("runs", "curves", *AGGREGATES)
 FORMATS = ("table", "csv", "json", "parquet")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -86,14 +89,14 @@ def query(results: str | Path, sql: str, *, refresh: bool = True):
 
     Raises :class:`UserError` for a missing results directory, a table that does not exist (yet),
     or any SQL error (with DuckDB's message). ``refresh``: recompute stale aggregates first if the
-    SQL names ``by_width`` or ``scaling``.
+    SQL names one of the aggregates (``by_width``, ``scaling``, ``gp_init``).
     """
     import duckdb
 
     root = Path(results)
     if not sql or not sql.strip():
         raise UserError("query: empty SQL")
-    con = connect(root, refresh=refresh and _mentions(sql, ("by_width", "scaling")))
+    con = connect(root, refresh=refresh and _mentions(sql, AGGREGATES))
     try:
         return con.execute(sql).df()
     except duckdb.CatalogException as exc:
@@ -111,7 +114,7 @@ def query(results: str | Path, sql: str, *, refresh: bool = True):
 
 
 def _where(root: Path, name: str) -> str:
-    if name in ("by_width", "scaling"):
+    if name in AGGREGATES:
         return f"{root / 'runs'} holds a run"
     return f"{root / name}/*/part-*.parquet"
 
@@ -126,8 +129,8 @@ def _one_line(exc: Exception) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Run SQL (DuckDB) over a results directory. Tables: runs, curves, by_width, scaling "
-        "(aggregates, recomputed when the runs changed)."
+        "Run SQL (DuckDB) over a results directory. Tables: runs, curves, spectral, outputs, and the "
+        "aggregates by_width, scaling, gp_init (recomputed when the runs changed)."
     )
     parser.add_argument("results", help="results directory (as given to ntk-sweep run --out)")
     parser.add_argument("sql", help="a DuckDB query, e.g. \"SELECT width, mean FROM by_width "

@@ -9,7 +9,22 @@ Per group of runs (one setting of everything but seed and width, see :mod:`pipel
 * ``accuracy*.png``: test accuracy of the network, its linearisation, and analytic NTK and NNGP
   kernel regression, against width;
 * ``curves*.png``: training and test loss and accuracy of the network and its linearisation over
-  the training steps, for the smallest and the largest width.
+  the training steps, for the smallest and the largest width;
+* a "Spectrum and convergence" table (report.md): per width, the mean over seeds of the smallest and
+  largest eigenvalue and the condition number of the empirical NTK at init and after training and
+  of the analytic NTK on the training points, and the train-loss ratio ``L_T/L_0`` predicted from the
+  analytic NTK's eigen-decomposition beside the observed one;
+* ``spectral_bias*.png``: the training residual's energy per eigen-band of the analytic NTK over the
+  steps (as a fraction of its value at step 0), network / linearised / theory, smallest and largest
+  width (the ``spectral`` table);
+* ``gp_init*.png`` and a table: the outputs at init over seeds against the NNGP, relative covariance
+  error with its sampling floor, KS statistic, error vs seed count (``aggregates/gp_init.parquet``);
+* ``double_descent*.png``, for a group with label noise or widths around the interpolation threshold
+  ``P = n_train * K`` (P: parameters): train/test loss and accuracy vs width, the analytic NTK and
+  NNGP regression limits, the threshold marked.
+
+Each section is skipped with a one-line note in report.md when its table or columns are missing
+(e.g. results written by an older version).
 
 Once: ``ntk_heatmap.png``: the analytic NTK Gram and ``|Theta_hat_0 - Theta|`` for one seed at the
 smallest and the largest width, points sorted by class (needs a stored empirical Gram, i.e. a job
@@ -37,6 +52,7 @@ LABELS = {
     "disagree_nn_lin_test": r"$1 -$ agreement$(f, f^{\rm lin})$ on test points",
     "rmse_nn_ntk_test": r"RMSE$(f, f^{\rm NTK})$ on test points",
     "relu_flip_frac": "fraction of ReLU sign flips (train points)",
+    "weight_distance": r"$\|\theta_T-\theta_0\|_2$ (absolute)",
 }
 ACCURACY = (
     ("test_acc", "network", "-", "o"),
@@ -56,6 +72,9 @@ class Group:
     label: str
     suffix: str
     figures: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, list[str]] = field(default_factory=dict)  # markdown lines of a section's table
+    skipped: dict[str, str] = field(default_factory=dict)  # section -> why it is not shown
+    threshold: float | None = None  # interpolation-threshold width, where the double descent is drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +114,14 @@ def build_report(results: str | Path, out: str | Path | None = None, *, max_grou
     runs_table = aggregate.read_table(root, "runs")
     runs = aggregate.split_runs(runs_table)
     curves = aggregate.read_table(root, "curves")
+    spectral = aggregate.read_table(root, "spectral")
+    gp_path = aggregate.aggregate_path(root, aggregate.GP_INIT)
+    gp, gp_skipped = None, {}
+    if gp_path.exists():
+        from pipeline.gp_init import skipped_groups
+
+        gp_table = pq.read_table(gp_path)
+        gp, gp_skipped = gp_table.to_pandas(), skipped_groups(gp_table)
     groups = _groups(runs)
     notes: list[str] = []
     if len(groups) > max_groups:
@@ -117,6 +144,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *, max_grou
             g.figures["curves"] = name
         else:
             notes.append(f"{g.label}: no training-curve plot ({reason}).")
+        _phenomena(g, bw, runs_table, runs, sel, spectral, gp, gp_skipped, out)
 
     heatmap, heatmap_note = _plot_heatmap(root, runs_table, runs, groups, out / "ntk_heatmap.png")
     md = _markdown(root, runs, groups[:max_groups], groups, scaling, by_width, heatmap, heatmap_note, notes)
@@ -548,6 +576,432 @@ def _draw_heatmap(root: Path, rows: list[dict], g: Group, path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The NTK phenomena: spectrum and convergence, spectral bias, GP at init, double descent
+
+SPECTRUM = ("ntk_eig_min", "ntk_eig_max", "ntk_cond")
+LOSS_RATIOS = ("train_loss_pred_ratio", "train_loss_obs_ratio")
+INPUT_DIM = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072, "digits": 64}  # flattened input size d
+SPECTRAL_FLOOR = 1e-8  # fractions of a band's initial energy below this are drawn at it
+
+
+def _phenomena(g: Group, bw, runs_table, runs, sel, spectral, gp, gp_skipped: dict[str, str], out: Path) -> None:
+    """The NTK-phenomena sections of one group: what is drawn goes to ``g.figures`` / ``g.tables``,
+    what is not to ``g.skipped`` with the reason. A section that fails is skipped, not the report."""
+    def attempt(section: str, draw) -> None:
+        try:
+            draw()
+        except Exception as exc:  # noqa: BLE001 - odd data in one section must not cost the others
+            g.skipped[section] = f"failed: {type(exc).__name__}: {exc}"
+
+    def spectrum() -> None:
+        lines, why = _spectrum_markdown(bw)
+        if why:
+            g.skipped["spectrum"] = why
+        else:
+            g.tables["spectrum"] = lines
+
+    def spectral_bias() -> None:
+        name = f"spectral_bias{g.suffix}.png"
+        why = _plot_spectral_bias(spectral, runs_table, runs, sel, g, out / name)
+        if why:
+            g.skipped["spectral_bias"] = why
+        else:
+            g.figures["spectral_bias"] = name
+
+    def gp_init() -> None:
+        rows = _gp_rows(gp, g)
+        if rows is None:
+            g.skipped["gp_init"] = _gp_skip_reason(gp, gp_skipped, g)
+            return
+        name = f"gp_init{g.suffix}.png"
+        _plot_gp_init(rows, g, out / name)
+        g.figures["gp_init"] = name
+        g.tables["gp_init"] = _gp_markdown(rows)
+
+    def double_descent() -> None:
+        widths = sorted(int(w) for w in bw.loc[bw["count"] > 0, "width"].unique())
+        if not widths:
+            g.skipped["double_descent"] = "no ok run"
+            return
+        g.threshold, why = _double_descent_reason(g, widths)
+        if why:
+            g.skipped["double_descent"] = why
+            return
+        name = f"double_descent{g.suffix}.png"
+        if _plot_double_descent(bw, g, g.threshold, out / name):
+            g.figures["double_descent"] = name
+        else:
+            g.skipped["double_descent"] = "no test loss measured (no ok run finished)"
+
+    for section, draw in (("spectrum", spectrum), ("spectral_bias", spectral_bias), ("gp_init", gp_init),
+                          ("double_descent", double_descent)):
+        attempt(section, draw)
+
+
+def _fmt_g(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    return f"{v:.3g}"
+
+
+def _means(bw, measures) -> dict[str, dict[int, float]]:
+    """measure -> width -> mean over the ok seeds, for the measures with at least one ok value."""
+    rows = bw[bw["measure"].isin(list(measures)) & (bw["count"] > 0)]
+    return {m: dict(zip(part["width"].astype(int), part["mean"].astype(float), strict=True))
+            for m, part in rows.groupby("measure")}
+
+
+def _spectrum_markdown(bw) -> tuple[list[str], str | None]:
+    """The "Spectrum and convergence" table of one group; or ([], why not)."""
+    wanted = [f"{k}_{w}" for w in ("init", "final", "analytic") for k in SPECTRUM] + list(LOSS_RATIOS)
+    means = _means(bw, wanted)
+    if not means:
+        return [], ("no `ntk_eig_*` / `train_loss_*_ratio` columns in these runs (written before they existed, "
+                    "or n_train above the eigendecomposition limit)")
+    ok = bw[bw["count"] > 0]
+    widths = sorted(int(w) for w in ok["width"].unique())
+    counts = ok.groupby("width")["count"].max().to_dict()
+
+    def get(m: str, w: int) -> float:
+        return means.get(m, {}).get(w, math.nan)
+
+    lines = []
+    analytic = [tuple(get(f"{k}_analytic", w) for k in SPECTRUM) for w in widths]
+    finite = [a for a in analytic if all(math.isfinite(v) for v in a)]
+    constant = len(finite) == len(analytic) and all(
+        all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, finite[0], strict=True)) for a in finite)
+    if constant:
+        lo, hi, cond = finite[0]
+        lines += [f"Analytic NTK Θ on the training points (the same at every width): λ_min = {_fmt_g(lo)}, "
+                  f"λ_max = {_fmt_g(hi)}, condition number κ = {_fmt_g(cond)}.", ""]
+    whens = [("init", "Θ̂₀"), ("final", "Θ̂_T")] + ([] if constant else [("analytic", "Θ")])
+    header = "| width | seeds | " + " | ".join(f"λ_min {s} | λ_max {s} | κ {s}" for _, s in whens)
+    header += " | L_T/L_0 predicted | L_T/L_0 observed | observed / predicted |"
+    lines += [header, "|---:|---:|" + "---:|" * (3 * len(whens) + 3)]
+    infinite = False
+    for w in widths:
+        cells = [str(w), str(int(counts.get(w, 0)))]
+        for when, _ in whens:
+            values = [get(f"{k}_{when}", w) for k in SPECTRUM]
+            infinite |= math.isinf(values[2])
+            cells += [_fmt_g(v) for v in values]
+        pred, obs = get("train_loss_pred_ratio", w), get("train_loss_obs_ratio", w)
+        cells += [_fmt_g(pred), _fmt_g(obs), _fmt_g(obs / pred) if pred > 0 else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if infinite:
+        lines += ["", "κ = ∞: the smallest eigenvalue was ≤ 0 (to rounding) in at least one seed."]
+    return lines, None
+
+
+def _run_ids(runs_table, runs, sel) -> dict[int, list[str]]:
+    """width -> run ids of the selected runs."""
+    import numpy as np
+
+    ids = np.array(runs_table.column("run_id").to_pylist(), dtype=object)
+    return {int(w): list(ids[sel & (runs.width == w)]) for w in sorted({int(w) for w in runs.width[sel]})}
+
+
+def _plot_spectral_bias(spectral, runs_table, runs, sel, g: Group, path: Path) -> str | None:
+    """Residual energy per eigen-band over training, smallest and largest width: network (solid),
+    linearised (dashed), analytic-kernel theory (dotted), each as a fraction of the band's energy at
+    step 0 (the same for the three). Returns None when drawn, else why not."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from matplotlib.lines import Line2D
+
+    if spectral is None or spectral.num_rows == 0:
+        return "no spectral table (results written before it existed, or n_train above the eigendecomposition limit)"
+    if not sel.any():
+        return "no ok run"
+    by_width = _run_ids(runs_table, runs, sel)
+    widths = sorted(by_width)
+    frame = spectral.select([c for c in spectral.column_names if c != "dataset"])
+    energies = ("energy_nn", "energy_lin", "energy_theory")
+    series = {}
+    for w in [widths[0]] + ([widths[-1]] if widths[-1] != widths[0] else []):
+        part = frame.filter(pc.is_in(frame.column("run_id"), value_set=pa.array(by_width[w], pa.string())))
+        part = part.to_pandas()
+        if part.empty:
+            continue
+        start = part[part["step"] == 0].set_index(["run_id", "band"])["energy_nn"]
+        base = start.reindex(pd.MultiIndex.from_arrays([part["run_id"], part["band"]])).to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for col in energies:
+                part[col] = np.where(base > 0, part[col].to_numpy() / base, np.nan)
+        agg = part.groupby(["band", "step"])[list(energies)].mean()
+        bands = part.drop_duplicates("band").set_index("band")[["band_lo", "band_hi"]].sort_index()
+        series[w] = (agg, bands, part["run_id"].nunique())
+    if not series:
+        return "no spectral rows for this group's runs"
+    fig = _figure(5.4 * len(series), 4.9)
+    axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
+    styles = (("energy_nn", "-", "network"), ("energy_lin", "--", "linearised"),
+              ("energy_theory", ":", "theory (analytic NTK)"))
+    clipped = False
+    for ax, (w, (agg, bands, n_seeds)) in zip(axes, series.items(), strict=True):
+        colors = _colormap("viridis")(np.linspace(0.0, 0.88, max(len(bands), 1)))
+        for color, (band, (lo, hi)) in zip(colors, bands.iterrows(), strict=True):
+            rows = agg.loc[band]
+            steps = rows.index.to_numpy()
+            name = f"$\\lambda_{{{lo + 1}}}$" if hi - lo == 1 else f"$\\lambda_{{{lo + 1}}}..\\lambda_{{{hi}}}$"
+            for col, style, _ in styles:
+                values = rows[col].to_numpy(dtype=float)
+                clipped |= bool((values < SPECTRAL_FLOOR).any())
+                ax.plot(steps, np.clip(values, SPECTRAL_FLOOR, None), style, color=color,
+                        lw=1.8 if style == "-" else 1.3, label=f"band {band}: {name}" if col == "energy_nn" else None)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_yscale("log")
+        ax.set_xlim(0, max(agg.index.get_level_values("step").max(), 1))
+        ax.set_title(f"width {w} ({n_seeds} seed{'s' if n_seeds != 1 else ''}: mean)", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(True, alpha=0.25)
+    axes[0].set_ylabel("residual energy in the band / at step 0")
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.3", ls=style, label=label) for _, style, label in styles]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
+    floor = f"; values below {SPECTRAL_FLOOR:.0e} drawn at it" if clipped else ""
+    fig.suptitle(f"Spectral bias: training residual per eigen-band of the analytic NTK: {g.label}\n"
+                 "bands by decreasing eigenvalue; network (solid), linearised (dashed), "
+                 f"theory $(1-\\eta\\lambda_i/n)^{{2t}}$ (dotted){floor}", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return None
+
+
+def _gp_rows(gp, g: Group):
+    if gp is None or gp.empty or "group_id" not in gp.columns:
+        return None
+    rows = gp[gp["group_id"] == g.group_id].sort_values("width")
+    return rows if len(rows) else None
+
+
+def _gp_skip_reason(gp, gp_skipped: dict[str, str], g: Group) -> str:
+    if g.group_id in gp_skipped:
+        return f"the analytic NNGP could not be recomputed here ({gp_skipped[g.group_id]})"
+    if gp is None or gp.empty:
+        return "no width has two seeds with stored outputs at init (results written before the outputs table existed?)"
+    return "no width of this group has two seeds with stored outputs at init"
+
+
+def _plot_gp_init(rows, g: Group, path: Path) -> None:
+    """Relative covariance error vs width with its sampling floor, KS statistic vs width with its
+    floor, and the error vs the number of seeds per width."""
+    import numpy as np
+
+    by_seeds = [r for r in rows.to_dict("records") if len(r["seeds_by_count"]) > 1]
+    fig = _figure(4.6 * (3 if by_seeds else 2), 4.3)
+    axes = fig.subplots(1, 3 if by_seeds else 2, squeeze=False)[0]
+    widths = rows["width"].to_numpy()
+    ax = axes[0]
+    err = rows["nngp_cov_rel_err"].to_numpy(dtype=float)
+    floor = rows["nngp_cov_rel_err_floor"].to_numpy(dtype=float)
+    ax.plot(widths, err, "o-", color="C0", lw=1.8, label=r"$\|C-K\|_F/\|K\|_F$ (all seeds)")
+    ax.plot(widths, floor, "--", color="0.4", lw=1.3, label="sampling floor of a true GP")
+    excess = np.sqrt(np.clip(err**2 - floor**2, 0, None))
+    pos = excess > 0
+    if pos.any():
+        ax.plot(widths[pos], excess[pos], "s:", color="C1", ms=4, lw=1.1,
+                label=r"excess $\sqrt{err^2-floor^2}$ (finite-width bias)")
+    if pos.sum() >= 2:
+        # The reference slope through the widest positive point: the asymptotic regime, if anywhere.
+        w0, y0 = widths[pos][-1], excess[pos][-1]
+        w = np.geomspace(widths.min(), widths.max(), 20)
+        ax.plot(w, y0 * (w / w0) ** -1.0, "-", color="0.75", lw=1, label=r"$\propto n^{-1}$")
+    _log_axes(ax, widths)
+    _set_log_ylim(ax, [err, floor, excess[pos]], [])
+    ax.set_xlabel("width $n$")
+    ax.set_ylabel("relative Frobenius error vs NNGP")
+    ax.set_title("output covariance over seeds vs $K_{NNGP}$", fontsize=10)
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+
+    ax = axes[1]
+    ax.plot(widths, rows["ks_stat"], "o-", color="C2", lw=1.8, label="KS distance from N(0,1)")
+    if "ks_stat_floor" in rows.columns:
+        ax.plot(widths, rows["ks_stat_floor"], "--", color="0.4", lw=1.3, label="same, exact GP draws (median)")
+    _log_axes(ax, widths)
+    ax.set_ylim(bottom=min(float(np.nanmin(rows["ks_stat"])), float(np.nanmin(rows.get("ks_stat_floor", 1.0)))) / 1.3)
+    ax.set_xlabel("width $n$")
+    ax.set_ylabel(r"KS statistic of $f(x)/\sqrt{K(x,x)}$")
+    ax.set_title("normality of the marginals", fontsize=10)
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+
+    if by_seeds:
+        ax = axes[2]
+        colors = _colormap("viridis")(np.linspace(0.0, 0.88, len(by_seeds)))
+        counts_all = sorted({c for r in by_seeds for c in r["seeds_by_count"]})
+        for color, r in zip(colors, by_seeds, strict=True):
+            ax.plot(r["seeds_by_count"], r["nngp_cov_rel_err_by_seeds"], "o-", color=color, ms=4, lw=1.4,
+                    label=f"width {r['width']}")
+        ref = max(by_seeds, key=lambda r: len(r["seeds_by_count"]))
+        ax.plot(ref["seeds_by_count"], ref["nngp_cov_rel_err_floor_by_seeds"], "--", color="0.3", lw=1.3,
+                label=r"sampling floor ($\propto S^{-1/2}$)")
+        _log_axes(ax, counts_all)
+        ax.set_xlabel("seeds used $S$ (the first $S$)")
+        ax.set_ylabel("relative Frobenius error vs NNGP")
+        ax.set_title("error vs seed count", fontsize=10)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85, ncol=2 if len(by_seeds) > 5 else 1)
+    seeds = sorted(set(rows["seeds"].astype(int)))
+    k = int(rows["outputs"].iloc[0])
+    fig.suptitle(f"Gaussian process at initialisation: {g.label}\n"
+                 f"outputs $f(x;\\theta_0)$ on the test points, {'/'.join(map(str, seeds))} seeds x {k} outputs "
+                 "per width", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+
+
+def _gp_markdown(rows) -> list[str]:
+    lines = ["| width | seeds | outputs | rel. error | sampling floor | error / floor | KS | KS floor | KS p-value |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows.to_dict("records"):
+        ratio = r["nngp_cov_rel_err"] / r["nngp_cov_rel_err_floor"] if r["nngp_cov_rel_err_floor"] > 0 else math.nan
+        lines.append(f"| {r['width']} | {r['seeds']} | {r['outputs']} | {_fmt_g(r['nngp_cov_rel_err'])} | "
+                     f"{_fmt_g(r['nngp_cov_rel_err_floor'])} | {ratio:.2f} | {_fmt_g(r['ks_stat'])} | "
+                     f"{_fmt_g(r.get('ks_stat_floor', math.nan))} | {_fmt_g(r['ks_pvalue'])} |")
+    return lines
+
+
+def n_outputs(settings: dict[str, Any]) -> int:
+    """K: one output for a binary task, else one per class (10 when ``classes`` is not given)."""
+    classes = settings.get("classes")
+    n = len(classes) if classes else 10
+    return 1 if n == 2 else n
+
+
+def input_dim(settings: dict[str, Any]) -> int | None:
+    """d of the flattened inputs: known per dataset, else from the subset (None if it cannot be loaded)."""
+    if settings.get("dataset") in INPUT_DIM:
+        return INPUT_DIM[settings["dataset"]]
+    try:
+        from pipeline.run_config import RunConfig
+
+        return _load_subset(RunConfig(**{k: v for k, v in settings.items() if k in RunConfig.model_fields})).dim
+    except Exception:  # noqa: BLE001 - no data here: the threshold cannot be placed
+        return None
+
+
+def parameter_count(width, d: int, depth: int, k: int):
+    """Parameters of the MLP (weights and biases): ``width*(d+1) + (depth-1)*width*(width+1) + K*(width+1)``
+    for ``depth >= 1``; ``K*(d+1)`` for ``depth = 0``. ``width`` may be an array."""
+    if depth == 0:
+        return k * (d + 1) + 0 * width
+    return width * (d + 1) + (depth - 1) * width * (width + 1) + k * (width + 1)
+
+
+def threshold_width(n_train: int, d: int, depth: int, k: int) -> float | None:
+    """The (real) width where the parameter count equals ``n_train * K``: the interpolation threshold.
+    None for ``depth = 0`` (no width) or when even width 0 has that many parameters."""
+    if depth == 0:
+        return None
+    target = n_train * k
+    a, b, c = depth - 1, d + 1 + (depth - 1) + k, k - target  # a w^2 + b w + c = 0
+    if c >= 0:
+        return None
+    return -c / b if a == 0 else (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+
+def _double_descent_reason(g: Group, widths: list[int]) -> tuple[float | None, str | None]:
+    """(threshold width, None) when the group's curve is drawn; else (threshold or None, why not)."""
+    s = g.settings
+    d = input_dim(s)
+    k = n_outputs(s)
+    depth, n = s.get("depth"), s.get("n_train")
+    if d is None or depth is None or n is None:
+        return None, "the input dimension, depth or n_train of this group is unknown here"
+    w_star = threshold_width(int(n), d, int(depth), k)
+    noisy = bool(s.get("label_noise") or 0)
+    straddles = w_star is not None and widths and min(widths) < w_star < max(widths)
+    if not (noisy or straddles):
+        where = f"width ≈ {w_star:.3g}" if w_star is not None else "no width"
+        return w_star, (f"no label noise, and the widths {min(widths)}–{max(widths)} do not straddle the interpolation "
+                        f"threshold P = n_train·K = {int(n) * k} parameters ({where})")
+    return w_star, None
+
+
+def _plot_double_descent(bw, g: Group, w_star: float | None, path: Path) -> bool:
+    """Train and test loss, and accuracy, of the network vs width (mean, 95% CI) with the analytic
+    NTK / NNGP regression limits and the interpolation threshold."""
+    import numpy as np
+
+    def series(measure: str):
+        rows = bw[(bw["measure"] == measure) & (bw["count"] > 0)].sort_values("width")
+        mean = rows["mean"].to_numpy(dtype=float)
+        half = np.nan_to_num(rows["ci_high"].to_numpy(dtype=float) - mean)
+        return rows["width"].to_numpy(), mean, half
+
+    if not ((bw["measure"] == "test_loss") & (bw["count"] > 0)).any():
+        return False
+    fig = _figure(11.8, 4.9)
+    axes = fig.subplots(1, 2)
+    s = g.settings
+    d, k, depth, n = input_dim(s), n_outputs(s), int(s["depth"]), int(s["n_train"])
+    all_widths = sorted(int(w) for w in bw.loc[bw["count"] > 0, "width"].unique())
+    panels = (
+        (axes[0], "loss", (("test_loss", "network, test", "-", "o", "C0"), ("train_loss", "network, train", "--", "s",
+                                                                             "C0")),
+         (("ntk_test_loss", "analytic NTK regression, test", "-.", "C2"),
+          ("nngp_test_loss", "analytic NNGP regression, test", ":", "C4"))),
+        (axes[1], "accuracy", (("test_acc", "network, test", "-", "o", "C0"), ("train_acc", "network, train", "--", "s",
+                                                                              "C0")),
+         (("ntk_test_acc", "analytic NTK regression, test", "-.", "C2"),
+          ("nngp_test_acc", "analytic NNGP regression, test", ":", "C4"))),
+    )
+    for ax, metric, network, kernels in panels:
+        visible = []
+        for measure, label, style, marker, color in network:
+            w, mean, half = series(measure)
+            if not len(w):
+                continue
+            ax.errorbar(w, mean, yerr=half, fmt=marker, ls=style, color=color, ms=4.5, capsize=3, lw=1.6,
+                        label=label, mfc="white" if style == "--" else color)
+            visible.append(mean)
+        for measure, label, style, color in kernels:
+            w, mean, _ = series(measure)
+            if not len(w):
+                continue
+            if np.allclose(mean, mean[0], rtol=1e-6, atol=0):
+                ax.axhline(mean[0], ls=style, color=color, lw=1.6, label=label)
+            else:
+                ax.plot(w, mean, ls=style, color=color, lw=1.6, label=label)
+            visible.append(mean)
+        _log_axes(ax, all_widths, log_y=metric == "loss")
+        if metric == "loss":
+            _set_log_ylim(ax, visible, [])
+            ax.set_ylabel(r"loss $\frac{1}{2}\,\mathrm{mean}_i\,\|f(x_i)-y_i\|^2$")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("accuracy")
+        if w_star is not None:
+            ax.axvline(w_star, color="C3", lw=1.2, alpha=0.8,
+                       label=f"interpolation threshold: P = n·K = {n * k} (width ≈ {w_star:.3g})")
+        ax.set_xlabel("width $n$")
+        if d is not None and depth >= 1:
+            def to_ratio(w, d=d, depth=depth, k=k, target=n * k):
+                return parameter_count(np.asarray(w, dtype=float), d, depth, k) / target
+
+            def from_ratio(r, d=d, depth=depth, k=k, n=n):
+                r = np.asarray(r, dtype=float)
+                a, b = depth - 1, d + 1 + (depth - 1) + k
+                c = k - r * n * k
+                with np.errstate(invalid="ignore"):
+                    return -c / b if a == 0 else (-b + np.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+            top = ax.secondary_xaxis("top", functions=(to_ratio, from_ratio))
+            top.set_xlabel("parameters / (n_train · K)", fontsize=8)
+            top.tick_params(labelsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (not labels[i].startswith("network"), i))
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="outside lower center",
+               ncol=3, frameon=False)
+    noise = s.get("label_noise") or 0
+    fig.suptitle(f"Double descent in width: {g.label}\nnetwork mean over seeds with 95% CI; "
+                 f"label noise {noise:g} on the training labels (train metrics use the noisy labels)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # report.md
 
 
@@ -555,6 +1009,49 @@ def _cell(v: Any, fmt: str = "{:.3f}") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     return fmt.format(v)
+
+
+def _phenomena_markdown(g: Group) -> list[str]:
+    def skipped(section: str) -> list[str]:
+        return [f"_Skipped: {g.skipped.get(section, 'not available')}._", ""]
+
+    lines = ["### Spectrum and convergence", ""]
+    if "spectrum" in g.tables:
+        lines += ["Empirical NTK at init (Θ̂₀) and after training (Θ̂_T), traced over the outputs, and the "
+                  "analytic NTK Θ, on the training points: mean over seeds of the smallest and largest "
+                  "eigenvalue and the condition number κ = λ_max/λ_min. For full-batch GD on the MSE the "
+                  "linearised residual decays as $(1-\\eta\\lambda_i/n)^t$ along each eigenvector, so "
+                  "λ_min sets the slowest rate. Predicted: L_T/L_0 of GD under Θ from the network's own "
+                  "initial residual and learning rate; observed: the network's.", "", *g.tables["spectrum"], ""]
+    else:
+        lines += skipped("spectrum")
+    lines += ["### Spectral bias", ""]
+    if "spectral_bias" in g.figures:
+        lines += ["Energy of the training residual in eigen-bands of the analytic NTK (band 0: the top "
+                  "eigenvector), as a fraction of its value at step 0, mean over seeds: the top bands "
+                  "decay first.", "", f"![spectral bias]({g.figures['spectral_bias']})", ""]
+    else:
+        lines += skipped("spectral_bias")
+    lines += ["### Gaussian process at initialisation", ""]
+    if "gp_init" in g.figures:
+        lines += ["Across the seeds of one width, the outputs at init on the test points against the "
+                  "analytic NNGP: relative Frobenius error of their covariance (the sampling floor: what a "
+                  "true GP gives with as many samples), and the KS distance of the standardised marginals "
+                  "from N(0, 1) (its floor: the same for exact GP draws). An error near its floor means the "
+                  "seeds cannot resolve the finite-width bias (more seeds would); well above it, the bias "
+                  "dominates. Table: `aggregates/gp_init.parquet` (`SELECT * FROM gp_init`).", "",
+                  f"![gp at init]({g.figures['gp_init']})", "", *g.tables["gp_init"], ""]
+    else:
+        lines += skipped("gp_init")
+    lines += ["### Double descent in width", ""]
+    if "double_descent" in g.figures:
+        where = f" (width ≈ {g.threshold:.3g})" if g.threshold is not None else ""
+        lines += ["Test and train loss and accuracy of the network vs width, beside analytic NTK and NNGP "
+                  "kernel regression; the vertical line is the interpolation threshold, parameters = "
+                  f"n_train·K{where}.", "", f"![double descent]({g.figures['double_descent']})", ""]
+    else:
+        lines += skipped("double_descent")
+    return lines
 
 
 def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling, by_width, heatmap: bool,
@@ -615,7 +1112,10 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
             lines += ["### Deviations from the kernel limit vs width", "",
                       "Mean over seeds with 95% CI, individual seeds faint, the fitted power law (legend: "
                       "exponent and its bootstrap CI), and reference slopes $n^{-1/2}$ (dashed) and $n^{-1}$ "
-                      "(dotted) through the fit's first point.", "",
+                      "(dotted) through the fit's first point. Lazy training, measured directly: "
+                      "`weight_distance` (the absolute $\\|\\theta_T-\\theta_0\\|_2$, which stays O(1) in NTK "
+                      "parameterisation while the relative change `weight_rel_change` vanishes) and "
+                      "`relu_flip_frac`.", "",
                       f"![deviations]({g.figures['deviations']})", ""]
         if "accuracy" in g.figures:
             lines += ["### Test accuracy vs width", "",
@@ -625,6 +1125,7 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
         if "curves" in g.figures:
             lines += ["### Training curves: network vs linearised model", "",
                       f"![curves]({g.figures['curves']})", ""]
+        lines += _phenomena_markdown(g)
     lines += ["## NTK Gram at initialisation", ""]
     if heatmap:
         lines += [heatmap_note, "", "![ntk heatmap](ntk_heatmap.png)", ""]

@@ -92,7 +92,11 @@ class RunConfig(BaseModel):
         when the run was configured by ``lr_scale``, that is derived, so it is dropped here."""
         fields = {k: row[k] for k in cls.model_fields if k in row}
         fields["classes"] = tuple(fields["classes"]) if fields.get("classes") else None
-        if fields.get("lr_scale") is not None:
+        for key in ("lr", "lr_scale", "batch_size"):  # Parquet/pandas may give NaN for a missing value
+            value = fields.get(key)
+            if isinstance(value, float) and math.isnan(value):
+                fields[key] = None
+        if fields.get("lr_scale") is not None or (fields.get("lr") is None and "lr_scale" in fields):
             fields["lr"] = None
         return cls(**fields)
 

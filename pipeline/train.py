@@ -499,11 +499,11 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     m["weight_distance"] = float(torch.linalg.norm(flat_t - flat0))
     m["weight_rel_change"] = m["weight_distance"] / float(torch.linalg.norm(flat0))
 
-    res.ntk_final = empirical_ntk(model_t, x_all).float().cpu().numpy()
-    change = res.ntk_final.astype(np.float64) - ntk0
-    m["kernel_rel_change"] = float(np.linalg.norm(change) / np.linalg.norm(ntk0))
+    ntk_t = empirical_ntk(model_t, x_all).double().cpu().numpy()
+    res.ntk_final = ntk_t.astype(np.float32)
+    m["kernel_rel_change"] = float(np.linalg.norm(ntk_t - ntk0) / np.linalg.norm(ntk0))
     if n <= MAX_EIGH:
-        for when, kernel in (("init", ntk0), ("final", res.ntk_final.astype(np.float64))):
+        for when, kernel in (("init", ntk0), ("final", ntk_t)):
             stats = spectrum_stats(kernel[:n, :n])
             for key, value in zip(SPECTRUM_KEYS, stats, strict=True):
                 m[f"{key}_{when}"] = value
