@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--mirror", default=None, help="base URL to download from instead of the default")
     fetch.set_defaults(func=_cmd_data_fetch)
 
+    from pipeline import gram_job  # light module: heavy imports happen inside its main()
+
+    gram = sub.add_parser("gram", help="analytic NNGP/NTK Gram of a dataset, tiled into a Zarr store")
+    gram_job.add_arguments(gram)
+    gram.set_defaults(func=gram_job.main)
 
     from pipeline import query, report  # light modules: heavy imports happen inside their main()
 

@@ -1,0 +1,421 @@
+"""Benchmark of the blocked Gram: analytic NTK (depth 3, ReLU) of real MNIST written to Zarr.
+
+    .venv/bin/python bench/gram.py                      # N = 5k, 10k, 20k
+    .venv/bin/python bench/gram.py --full               # ... and the full 70k (train+test), ~16 GB on disk
+    .venv/bin/python bench/gram.py --nt-python /path/to/venv/bin/python   # + neural-tangents baseline
+
+Measures, on this machine:
+
+* the float32 matmul rate (torch sgemm, 1 thread and all cores; and the tile-shaped product);
+* one 2048 x 2048 tile by each implementation (generic ``mlp_kernels_from_dots``, fused eager, compiled),
+  single-threaded, and its error against float64 :func:`kernels.analytic.mlp_kernels` (off-diagonal and
+  diagonal tiles);
+* the threading split (2 Dask workers x 1 torch thread vs 1 x 2) at N = 10k;
+* end to end for each N, each in a fresh subprocess: wall time, Gram entries written per second (compute
+  and write together, the mirrored lower triangle included), entries computed per second, peak RSS
+  (sampled during the Gram, and ``ru_maxrss`` over the whole process), bytes on disk, the achieved
+  fraction of the single-thread sgemm rate for the input-Gram matmul, and the error of random windows
+  against float64;
+* optionally ``neural-tangents``' ``nt.batch(kernel_fn, 500)`` on the same inputs, in memory (run with
+  another interpreter that has jax and neural-tangents; not a dependency of this project).
+
+Inputs are MNIST train+test (70,000 rows), standardised as ``ntk-sweep gram --n all`` does, saved once as
+``.npy`` and opened as a memmap, so every tile reads its rows from disk. Prints a JSON summary and a
+Markdown table; ``--json`` writes the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEPTH = 3
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    import dask
+    import torch
+    import zarr
+
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(_ram_gib(), 1),
+            "python": platform.python_version(), "torch": torch.__version__, "dask": dask.__version__,
+            "zarr": zarr.__version__}
+
+
+def _ram_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
+
+
+def default_data_dir() -> str | None:
+    """``$NTK_SWEEP_DATA``, else ``shared/data`` beside the repository when it is there."""
+    if os.environ.get("NTK_SWEEP_DATA"):
+        return os.environ["NTK_SWEEP_DATA"]
+    shared = REPO.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() else None
+
+
+def prepare_inputs(folder: Path, data_dir: str | None) -> Path:
+    """MNIST train+test, standardised with the train statistics, as ``folder/mnist70k.npy``."""
+    import numpy as np
+
+    from pipeline.gram_job import load_inputs
+
+    path = folder / "mnist70k.npy"
+    if not path.exists():
+        x, _ = load_inputs("mnist", "train+test", preprocess="standardize", data_dir=data_dir)
+        np.save(path, x)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- micro
+
+
+def matmul_rates(reps: int = 3) -> dict:
+    import torch
+
+    out = {}
+    cores = len(os.sched_getaffinity(0))
+    for threads in sorted({1, cores}):
+        torch.set_num_threads(threads)
+        for name, (m, k, n) in {"square4096": (4096, 4096, 4096), "tile2048x784": (2048, 784, 2048)}.items():
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            a @ b
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            dt = (time.perf_counter() - t) / reps
+            out[f"{name}_{threads}t_gflops"] = 2 * m * k * n / dt / 1e9
+    torch.set_num_threads(cores)
+    return out
+
+
+def tile_impls(x_path: Path, block: int = 2048) -> dict:
+    """One tile by each implementation, 1 thread; errors vs float64 on an off-diagonal and a diagonal tile."""
+    import numpy as np
+    import torch
+
+    from kernels.analytic import mlp_kernels
+    from kernels.gram import AnalyticKernel
+
+    torch.set_num_threads(1)
+    x = np.load(x_path, mmap_mode="r")
+    a, b = np.array(x[:block]), np.array(x[block : 2 * block])
+    ref_off = mlp_kernels(a.astype(np.float64), b.astype(np.float64), depth=DEPTH, get=("ntk",))["ntk"]
+    ref_diag = mlp_kernels(a.astype(np.float64), depth=DEPTH, get=("ntk",))["ntk"]
+    res = {}
+    for impl in ("generic", "fused", "compiled"):
+        k = AnalyticKernel(depth=DEPTH, impl=impl)
+        t = time.perf_counter()
+        k.warm_up()
+        warm = time.perf_counter() - t
+        k.tile(a, b)
+        times = []
+        for _ in range(3):
+            stats: dict = {}
+            t = time.perf_counter()
+            off = k.tile(a, b, stats).numpy()
+            times.append((time.perf_counter() - t, stats))
+        dt, stats = min(times, key=lambda p: p[0])
+        diag = k.tile(a, a).numpy()
+        diag = (diag + diag.T) / 2
+        res[impl] = {
+            "tile_s": dt, "entries_per_s": block * block / dt, "matmul_s": stats["matmul_s"],
+            "elementwise_s": stats["elementwise_s"], "compile_s": warm if impl == "compiled" else 0.0,
+            "err_off_max_over_max": float(np.abs(off - ref_off).max() / np.abs(ref_off).max()),
+            "err_off_max_rel": float((np.abs(off - ref_off) / np.abs(ref_off)).max()),
+            "err_diag_max_over_max": float(np.abs(diag - ref_diag).max() / np.abs(ref_diag).max()),
+            "err_diag_max_rel": float((np.abs(diag - ref_diag) / np.abs(ref_diag)).max()),
+        }
+    return res
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+def _rss_sampler(stop: threading.Event, peak: list) -> None:
+    import psutil
+
+    proc = psutil.Process()
+    while not stop.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.02)
+
+
+def child_run(args: argparse.Namespace) -> None:
+    """One end-to-end run (in its own process, so its peak RSS is its own); prints one JSON line."""
+    import numpy as np
+
+    from kernels.analytic import mlp_kernels
+    from kernels.gram import AnalyticKernel, gram_to_zarr
+
+    n = args.child_run
+    x = np.load(args.x, mmap_mode="r")[:n]
+    kernel = AnalyticKernel(depth=DEPTH, impl=args.impl).resolved(n * (n + args.block) // 2)
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    workers = args.workers or cores
+    torch_threads = args.torch_threads or max(1, cores // workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    t = time.perf_counter()
+    kernel.warm_up()  # compile outside the timed part (reported separately)
+    compile_s = time.perf_counter() - t
+    torch.set_num_threads(previous)
+    rss_before = _rss()
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
+    sampler.start()
+    load0 = os.getloadavg()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    result = gram_to_zarr(kernel, x, store=args.store, path="ntk", block=args.block, progress=args.progress,
+                          workers=workers, torch_threads=torch_threads, attrs={"dataset": "mnist", "n": n})
+    stop.set()
+    sampler.join()
+    load1 = os.getloadavg()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    disk = sum(f.stat().st_size for f in Path(args.store).rglob("*") if f.is_file())
+    # error of random windows against float64
+    import zarr
+
+    arr = zarr.open_array(args.store, path="ntk", mode="r")
+    rng = np.random.default_rng(0)
+    errs = []
+    for _ in range(3):
+        i, j = (int(v) for v in rng.integers(0, max(1, n - 256), size=2))
+        got = arr[i : i + 256, j : j + 256]
+        ref = mlp_kernels(np.asarray(x[i : i + 256], np.float64), np.asarray(x[j : j + 256], np.float64),
+                          depth=DEPTH, get=("ntk",))["ntk"]
+        errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+    s = result.stats
+    out = {
+        "n": n, "block": args.block, "impl": kernel.impl, "workers": workers, "torch_threads": torch_threads,
+        "seconds": result.seconds, "compile_s": compile_s, "tiles": result.tiles_computed,
+        "entries_written": result.entries_written, "entries_computed": result.entries_computed,
+        "written_per_s": result.entries_per_s, "computed_per_s": result.entries_computed / result.seconds,
+        "matmul_gflops_per_thread": s["matmul_flop"] / s["matmul_s"] / 1e9,
+        "matmul_share": s["matmul_s"] / s["tile_s"], "elementwise_share": s["elementwise_s"] / s["tile_s"],
+        "write_share": s["write_s"] / s["tile_s"], "read_share": s["read_s"] / s["tile_s"],
+        "rss_before_gib": rss_before / 2**30, "rss_peak_gram_gib": peak[0] / 2**30,
+        "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "disk_gb": disk / 1e9, "compression": n * n * 4 / disk, "window_err_max_over_max": max(errs),
+        "loadavg_before": load0[0], "loadavg_after": load1[0], "cpu_s": cpu_s,
+        "cpu_utilisation": cpu_s / (result.seconds * len(os.sched_getaffinity(0))),
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run_child(x_path: Path, n: int, store: Path, block: int, workers: int | None, torch_threads: int | None,
+              impl: str, progress: bool) -> dict:
+    shutil.rmtree(store, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--child-run", str(n), "--x", str(x_path), "--store", str(store),
+           "--block", str(block), "--impl", impl]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    if torch_threads:
+        cmd += ["--torch-threads", str(torch_threads)]
+    if progress:
+        cmd += ["--progress"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        raise RuntimeError(f"child failed (rc {proc.returncode}): {proc.stdout[-2000:]}")
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def wait_idle(max_s: float, threshold: float = 0.97, window: float = 5.0) -> float:
+    """Wait (at most ``max_s``) until the machine is ``threshold`` idle over ``window`` seconds; returns the
+    idle fraction last seen. This machine is shared, so each measurement starts on a quiet machine."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            v = [int(t) for t in fh.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    if max_s <= 0 or not os.path.exists("/proc/stat"):
+        return float("nan")
+    end = time.monotonic() + max_s
+    frac = 0.0
+    while time.monotonic() < end:
+        i0, t0 = ticks()
+        time.sleep(window)
+        i1, t1 = ticks()
+        frac = (i1 - i0) / max(1, t1 - t0)
+        if frac >= threshold:
+            break
+    return frac
+
+
+def best_of(repeat: int, wait: float, fn, *args) -> dict:
+    """The fastest of ``repeat`` runs (each after :func:`wait_idle`), with every run's wall time attached."""
+    runs = []
+    for _ in range(max(1, repeat)):
+        idle = wait_idle(wait)
+        r = fn(*args)
+        r["idle_before"] = idle
+        runs.append(r)
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["all_seconds"] = [r["seconds"] for r in runs]
+    return best
+
+
+# ------------------------------------------------------------------------------------------- neural-tangents
+
+_NT_SCRIPT = """
+import json, sys, time
+import numpy as np
+import jax, neural_tangents as nt
+from neural_tangents import stax
+n, depth = int(sys.argv[2]), int(sys.argv[3])
+x = np.load(sys.argv[1], mmap_mode="r")[:n].astype(np.float32)
+layers = []
+for _ in range(depth):
+    layers += [stax.Dense(512, W_std=2**0.5, b_std=0.0), stax.Relu()]
+_, _, kernel_fn = stax.serial(*layers, stax.Dense(1, W_std=2**0.5, b_std=0.0))
+batched = nt.batch(kernel_fn, 500)
+small = batched(x[:1000], None, "ntk"); np.asarray(small)  # compile
+t = time.perf_counter()
+k = np.asarray(batched(x, None, "ntk"))
+dt = time.perf_counter() - t
+print("RESULT " + json.dumps({"n": n, "seconds": dt, "entries_per_s": n * n / dt, "jax": jax.__version__,
+                             "neural_tangents": nt.__version__, "shape": list(k.shape)}))
+"""
+
+
+def neural_tangents(python: str, x_path: Path, n: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(_NT_SCRIPT)
+    try:
+        cmd = [python, fh.name, str(x_path), str(n), str(DEPTH)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        os.unlink(fh.name)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": (proc.stderr or proc.stdout)[-1500:], "seconds": float("inf")}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _table(runs: list[dict]) -> str:
+    rows = ["| N | impl | workers x torch threads | wall s | Gram entries/s (written) | computed entries/s | "
+            "peak RSS during Gram (GiB) | ru_maxrss (GiB) | disk GB (ratio) | sgemm GFLOP/s per thread | "
+            "max err / max | CPU use of the cores |", "|" + "---|" * 12]
+    for r in runs:
+        rows.append(
+            f"| {r['n']:,} | {r['impl']} | {r['workers']} x {r['torch_threads']} | {r['seconds']:.1f} | "
+            f"{r['written_per_s']:.3g} | {r['computed_per_s']:.3g} | {r['rss_peak_gram_gib']:.2f} | "
+            f"{r['ru_maxrss_gib']:.2f} | {r['disk_gb']:.2f} ({r['compression']:.2f}x) | "
+            f"{r['matmul_gflops_per_thread']:.0f} | {r['window_err_max_over_max']:.1e} | "
+            f"{r['cpu_utilisation']:.0%} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="*", default=[5000, 10000, 20000])
+    p.add_argument("--full", action="store_true", help="also N = 70,000 (MNIST train+test)")
+    p.add_argument("--block", type=int, default=2048)
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--no-split", action="store_true", help="skip the threading-split comparison")
+    p.add_argument("--no-micro", action="store_true", help="skip the matmul and single-tile measurements")
+    p.add_argument("--nt-python", default=None, help="interpreter with jax + neural-tangents (baseline)")
+    p.add_argument("--nt-n", type=int, default=5000)
+    p.add_argument("--workdir", default=None, help="folder for inputs and stores (default: a temp folder)")
+    p.add_argument("--json", default=None, help="write the raw numbers here")
+    p.add_argument("--data-dir", default=default_data_dir(), help="MNIST root (default: $NTK_SWEEP_DATA)")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="before each measurement wait up to this many seconds for an idle machine")
+    # internal: one end-to-end run in a subprocess
+    p.add_argument("--child-run", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--x", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_run is not None:
+        child_run(args)
+        return 0
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gram-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": machine(), "loadavg_start": os.getloadavg()}
+    print(json.dumps(report["machine"]), flush=True)
+    x_path = prepare_inputs(work, args.data_dir)
+    if not args.no_micro:
+        wait_idle(args.wait_idle)
+        report["matmul"] = matmul_rates()
+        print("matmul", json.dumps(report["matmul"]), flush=True)
+        wait_idle(args.wait_idle)
+        report["tile"] = tile_impls(x_path, args.block)
+        print("tile", json.dumps(report["tile"], indent=1), flush=True)
+    if not args.no_split:
+        report["split"] = [
+            best_of(args.repeat, args.wait_idle, run_child, x_path, 10000, work / "split.zarr", args.block,
+                    w, t, args.impl, False)
+            for w, t in ((2, 1), (1, 2))
+        ]
+        for r in report["split"]:
+            print("split", json.dumps(r), flush=True)
+    sizes = list(args.sizes) + ([70000] if args.full else [])
+    report["runs"] = []
+    for n in sizes:
+        repeat = 1 if n >= 50000 else args.repeat
+        r = best_of(repeat, args.wait_idle, run_child, x_path, n, work / f"n{n}.zarr", args.block,
+                    args.workers, args.torch_threads, args.impl, args.progress)
+        report["runs"].append(r)
+        print("run", json.dumps(r), flush=True)
+    if args.nt_python:
+        report["neural_tangents"] = best_of(args.repeat, args.wait_idle, neural_tangents, args.nt_python,
+                                            x_path, args.nt_n)
+        print("neural-tangents", json.dumps(report["neural_tangents"]), flush=True)
+    report["loadavg_end"] = os.getloadavg()
+    print(_table(report["runs"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,978 @@
+"""Kernel Grams of any size, computed tile by tile with Dask and written into a chunked Zarr v3 array.
+
+    from kernels.gram import AnalyticKernel, gram_to_zarr, open_gram
+
+    kernel = AnalyticKernel(kind="ntk", depth=3, activation="relu")
+    gram_to_zarr(kernel, x, store="grams.zarr", path="ntk", attrs={"dataset": "mnist"})
+    theta = open_gram("grams.zarr", "ntk")          # lazy dask array, chunks = tiles
+
+**Block functions.** ``kernel`` is any callable ``(x1_block, x2_block) -> (b1, b2)`` array (numpy or torch);
+the blocks are numpy arrays of rows read from the inputs (on a diagonal tile of a symmetric Gram both
+arguments are the *same object*, so a block function may test ``x2 is x1``). Ready-made ones:
+:class:`AnalyticKernel` (the NNGP/NTK of :mod:`kernels.analytic`, with a fused float32 ReLU path, see below)
+and :class:`ModelNTK` (the empirical NTK of a torch model, :func:`kernels.empirical.empirical_ntk`). A block
+function may have a ``spec()`` method returning a JSON-able description; it is stored in the array's
+attributes and must match when a run is resumed (plain functions are described by their qualified name).
+
+**Store layout.** In ``store`` (a folder path, a URL zarr understands, or a zarr ``Store``):
+
+* ``<path>``: the Gram, a Zarr v3 array ``(N1, N2)`` of ``dtype`` (float32 by default), chunks
+  ``(block, block)`` equal to the tiles, ``fill_value`` NaN (a tile never written reads as NaN), compressed
+  with blosc-lz4 + byte shuffle by default (``compressor=``: ``"blosc-lz4"``, ``"blosc-zstd"``, ``"zstd"``,
+  ``"none"`` or any zarr bytes-to-bytes codec), ``dimension_names=("row", "col")``. Its attributes hold one
+  key, :data:`ATTR_KEY`, with ``gram`` (shape, block, tile grid, dtype, symmetric, compressor,
+  ``complete``), ``kernel`` (the block function's spec), ``inputs`` (shape, dtype and a blake2b fingerprint
+  of ``x1``/``x2``), ``data`` (the caller's ``attrs``: dataset, split, subset key, preprocessing, ...) and
+  ``software``.
+* ``<path>_tiles``: the record of finished tiles, a ``uint8`` array ``(tiles_1, tiles_2)`` with one 1-byte
+  chunk per tile (so concurrent workers never write the same object). A tile's entry is set to 1 only after
+  its chunk write(s) have returned, so a chunk that was being written when the run died is never taken for
+  done; each entry is its own store object, written atomically by zarr's ``LocalStore`` (temp file +
+  rename), and an unreadable entry counts as not done.
+
+**Symmetric case** (``x2 is None``): only tiles ``i <= j`` are computed; an off-diagonal tile is written at
+``(i, j)`` and its transpose at ``(j, i)``, a diagonal tile is symmetrised (``(K + K.T) / 2``), so the stored
+Gram is exactly symmetric.
+
+**Resume.** Calling :func:`gram_to_zarr` again with the same kernel, inputs, block and dtype computes only the
+tiles whose record is missing (the array's identity attributes are checked first; a different Gram at that
+path is an error unless ``overwrite=True``). Tiles are computed deterministically (fixed thread count per
+tile, aligned copies of the inputs), so the result equals an uninterrupted run bit for bit.
+
+**Memory bound.** Tiles are streamed: each task reads its rows of the inputs, computes one ``(b, b)`` tile,
+writes it and returns only a few timings. With ``W`` tiles in flight (the Dask workers), peak resident memory
+is about ``R0 + S + W * c * b^2 * 4`` bytes: ``R0`` the interpreter with torch/dask/zarr (~0.4 GB), ``S`` the
+inputs if they are held in memory (``N d * 4`` bytes; zero when ``x1``/``x2`` are zarr arrays or memmaps,
+read per tile), and ``c`` about 8 tile-sized float32 buffers per worker (inputs, matmul, kernel output,
+transpose, compressed bytes). Nothing grows with ``N`` except ``S``; with the defaults (``b = 2048``, two
+workers) the tile term is about 0.3 GB.
+
+**Schedulers** (``scheduler=``): ``None``/``"threads"``: Dask's local threaded scheduler with ``workers``
+threads (default: the usable cores) and ``torch_threads`` intra-op threads per tile (default
+``cores // workers``, i.e. 1); ``"sync"``: one thread, for debugging; ``"ray"``: the same graph run by
+:func:`ray.util.dask.ray_dask_get` on the Ray cluster that ``ray.init`` connects to (``RAY_ADDRESS``, or a
+local one), one CPU per tile task, inputs put once into Ray's object store; the store must then be
+reachable from every node (a shared file system or an object-store URL). Any Dask ``get`` callable also works.
+``ray.util.dask`` (Ray 2.60) refuses Dask older than 2024.11.0 at import; tested here with Dask 2026.8.0.
+
+**Readers.** :func:`open_gram` returns a lazy ``dask.array`` (chunks = tiles) after checking the Gram is
+complete. Without this package: ``zarr.open_array("grams.zarr", path="ntk", mode="r")[i0:i1, j0:j1]`` reads
+any window (decompressing only the chunks it touches), ``dask.array.from_zarr("grams.zarr", component="ntk")``
+gives the lazy array, and xarray (with Zarr v3 support) reads it as a variable with dimensions
+``("row", "col")``: ``xarray.open_zarr("grams.zarr", consolidated=False)["ntk"]``; the tile record appears
+beside it as ``ntk_tiles``.
+
+**The fused ReLU path.** For ReLU in NTK parameterisation :class:`AnalyticKernel` does not go through the
+generic ``mlp_kernels_from_dots`` recursion (one atan2/sqrt dual per layer plus a dozen full-tile passes)
+but works with the cosine ``c = K12 / sqrt(K11 K22)`` and the normalised NTK ``t = Theta12 / sqrt(K11 K22)``:
+
+    c' = u_i u_j J(c) + b^2 p_i p_j,   t' = c' + u_i u_j (1 - acos(c)/pi) t,
+    J(c) = (sqrt(1 - c^2) + (pi - acos c) c) / pi,
+
+with per-row vectors ``u = sqrt(w^2/2) sqrt(K11/K11')`` and ``p = 1/sqrt(K11')`` (``u = 1``, ``p`` unused for
+``w^2 = 2, b = 0``), and finally ``Theta = t sqrt(K11 K22)``. After the input-Gram matmul everything is one
+elementwise loop per tile, which ``torch.compile`` (inductor, C++/OpenMP) fuses into a single pass; the eager
+version of the same formula is the fallback. Diagonal entries of diagonal tiles are pinned to ``c = 1``.
+Error in float32 against the float64 :func:`kernels.analytic.mlp_kernels`: see ``bench/RESULTS.md``
+(about 3e-7 of the largest entry on MNIST, depth 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+BlockFn = Callable[[Any, Any], Any]
+
+DEFAULT_BLOCK = 2048
+ATTR_KEY = "ntk_sweep_gram"
+FORMAT_VERSION = 1
+TILES_SUFFIX = "_tiles"
+DTYPES = ("float16", "float32", "float64")
+COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+IMPLS = ("auto", "compiled", "fused", "generic")
+# "auto" compiles the fused ReLU kernel when the Gram has at least this many entries to compute (below it
+# the one-off compile, ~5-15 s, costs more than it saves).
+AUTO_COMPILE_ENTRIES = 1 << 29
+_INV_PI = 1.0 / math.pi
+
+
+class GramError(ValueError):
+    """A bad argument, or a store/path that is missing, corrupt or holds a different Gram."""
+
+
+# --------------------------------------------------------------------------------------------- fused ReLU
+
+
+def _layer_vectors(x: Tensor, depth: int, w2: float, b2: float, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-row vectors of the fused recursion, computed in float64 and cast to ``dtype``.
+
+    With ``q^l = K^l(x, x)`` (``q^1 = w2 |x|^2 / d + b2``, ``q^{l+1} = w2 q^l / 2 + b2``):
+    ``s0 = sqrt(w2/d) / sqrt(q^1)`` and ``o0 = sqrt(b2) / sqrt(q^1)`` (so that
+    ``c^1 = dot * s0_i s0_j + o0_i o0_j``); for layer ``l``: ``u[l] = sqrt(w2/2) sqrt(q^l / q^{l+1})`` and
+    ``p[l] = sqrt(b2) / sqrt(q^{l+1})``; ``r = sqrt(q^{depth+1})``. Zero norms give zero inverses.
+    """
+    xd = x.to(torch.float64)
+    d = x.shape[1]
+    q = w2 * (xd * xd).sum(dim=1) / d + b2
+    r = torch.sqrt(q)
+
+    def inv(v: Tensor) -> Tensor:
+        return torch.where(v > 0, 1.0 / torch.where(v > 0, v, 1.0), 0.0)
+
+    inv0 = inv(r)
+    us, ps = [], []
+    for _ in range(depth):
+        q_next = w2 * q / 2 + b2
+        r_next = torch.sqrt(q_next)
+        us.append(math.sqrt(w2 / 2) * r * inv(r_next))
+        ps.append(math.sqrt(b2) * inv(r_next))
+        q, r = q_next, r_next
+    n = x.shape[0]
+    u = torch.stack(us) if us else torch.ones(0, n, dtype=torch.float64)
+    p = torch.stack(ps) if ps else torch.zeros(0, n, dtype=torch.float64)
+    out = {"s0": math.sqrt(w2 / d) * inv0, "o0": math.sqrt(b2) * inv0, "u": u, "p": p, "r": r}
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def _relu_core_compiled_body(
+    dot: Tensor, s1: Tensor, s2: Tensor, o1: Tensor, o2: Tensor, u1: Tensor, u2: Tensor, p1: Tensor,
+    p2: Tensor, r1: Tensor, r2: Tensor, diag: Tensor, *, depth: int, want_ntk: bool, unit: bool, bias: bool,
+) -> Tensor:
+    """The whole elementwise recursion as one expression (for torch.compile to fuse into one loop).
+
+    Shapes: ``dot (n1, n2)``; ``s1, o1, r1 (n1, 1)``; ``s2, o2, r2 (1, n2)``; ``u1, p1 (depth, n1, 1)``;
+    ``u2, p2 (depth, 1, n2)``; ``diag`` a 0-d bool tensor, True on a diagonal tile. Only the structure
+    (depth, kind, unit, bias) is baked in, so one compiled kernel serves every input dimension and std.
+    """
+    n1, n2 = dot.shape
+    rows, cols = torch.arange(n1, device=dot.device), torch.arange(n2, device=dot.device)
+    eye = (rows[:, None] == cols[None, :]) & diag
+    k = dot * s1 * s2 + o1 * o2 if bias else dot * s1 * s2
+    c = torch.where(eye, 1.0, torch.clamp(k, -1.0, 1.0))
+    t = c
+    for layer in range(depth):
+        tdot = 1.0 - torch.acos(c) * _INV_PI
+        j = torch.sqrt(torch.clamp(1.0 - c * c, min=0.0)) * _INV_PI + tdot * c
+        if unit:
+            c_next = j
+        else:
+            alpha = u1[layer] * u2[layer]
+            c_next = alpha * j + p1[layer] * p2[layer] if bias else alpha * j
+            tdot = alpha * tdot
+        c_next = torch.where(eye, 1.0, torch.clamp(c_next, -1.0, 1.0))
+        if want_ntk:
+            t = c_next + tdot * t
+        c = c_next
+    out = t if want_ntk else c
+    return out * r1 * r2
+
+
+def _relu_core_eager(
+    dot: Tensor, v1: dict[str, Tensor], v2: dict[str, Tensor], diag: bool, *, depth: int, want_ntk: bool,
+    unit: bool, bias: bool,
+) -> Tensor:
+    """The same recursion with in-place torch ops (few full-tile temporaries); consumes ``dot``."""
+    c = dot.mul_(v1["s0"][:, None]).mul_(v2["s0"][None, :])
+    if bias:
+        c.addr_(v1["o0"], v2["o0"])
+    c.clamp_(-1.0, 1.0)
+    if diag:
+        c.fill_diagonal_(1.0)
+    t = c.clone() if want_ntk else None
+    for layer in range(depth):
+        tdot = torch.acos(c).mul_(-_INV_PI).add_(1.0)
+        j = torch.mul(c, c).neg_().add_(1.0).clamp_(min=0.0).sqrt_().mul_(_INV_PI).addcmul_(tdot, c)
+        if not unit:
+            u1, u2 = v1["u"][layer][:, None], v2["u"][layer][None, :]
+            j.mul_(u1).mul_(u2)
+            if bias:
+                j.addr_(v1["p"][layer], v2["p"][layer])
+            tdot.mul_(u1).mul_(u2)
+        c = j.clamp_(-1.0, 1.0)
+        if diag:
+            c.fill_diagonal_(1.0)
+        if want_ntk:
+            t = t.mul_(tdot).add_(c)
+        del tdot
+    out = t if want_ntk else c
+    return out.mul_(v1["r"][:, None]).mul_(v2["r"][None, :])
+
+
+_COMPILED: dict[tuple, Callable] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compiled_core(depth: int, want_ntk: bool, unit: bool, bias: bool, dtype: torch.dtype) -> Callable:
+    """The compiled fused kernel for this structure: compiled and warmed up once per process (and per
+    torch thread count, which the generated code bakes in), under a lock so that concurrent worker
+    threads never compile it twice; tile shapes are dynamic, the numbers (d, stds) are inputs."""
+    key = (depth, want_ntk, unit, bias, dtype, torch.get_num_threads())
+    with _COMPILE_LOCK:
+        fn = _COMPILED.get(key)
+        if fn is None:
+            body = functools.partial(
+                _relu_core_compiled_body, depth=depth, want_ntk=want_ntk, unit=unit, bias=bias
+            )
+            fn = torch.compile(body, dynamic=True, fullgraph=True)
+            w2, b2 = (2.0, 0.0) if unit else (1.5, 0.25 if bias else 0.0)
+            for n1, n2, diag in ((5, 7, False), (6, 6, True)):  # compile here, for both tile kinds
+                gen = torch.Generator().manual_seed(0)
+                x1 = torch.randn(n1, 4, generator=gen, dtype=dtype)
+                x2 = x1 if diag else torch.randn(n2, 4, generator=gen, dtype=dtype)
+                _relu_tile_impl(x1, x2, depth, w2, b2, want_ntk, fn)
+            _COMPILED[key] = fn
+    return fn
+
+
+def _relu_tile_impl(
+    a: Tensor, b: Tensor, depth: int, w2: float, b2: float, want_ntk: bool, compiled: Callable | bool | None,
+    stats: dict | None = None,
+) -> Tensor:
+    """One tile of the fused ReLU kernel: ``compiled`` None (eager), True (the compiled kernel for this
+    structure) or a compiled callable. ``b is a`` marks a diagonal tile."""
+    diag = b is a
+    t0 = time.perf_counter()
+    dot = a @ b.T
+    t1 = time.perf_counter()
+    v1 = _layer_vectors(a, depth, w2, b2, a.dtype)
+    v2 = v1 if diag else _layer_vectors(b, depth, w2, b2, a.dtype)
+    # w^2 = 2, b = 0 keeps every K11 fixed (u = 1, no bias term): decided from the parameters, not the data,
+    # so every tile of a Gram runs the same code (a zero row only has r = 0, which zeroes its entries anyway)
+    bias = b2 != 0.0
+    unit = not bias and abs(w2 - 2.0) < 1e-12
+    if compiled is None:
+        out = _relu_core_eager(dot, v1, v2, diag, depth=depth, want_ntk=want_ntk, unit=unit, bias=bias)
+    else:
+        if compiled is True:
+            compiled = _compiled_core(depth, want_ntk, unit, bias, a.dtype)
+        col, row = (slice(None), None), (None, slice(None))
+        out = compiled(
+            dot, v1["s0"][col], v2["s0"][row], v1["o0"][col], v2["o0"][row], v1["u"][:, :, None],
+            v2["u"][:, None, :], v1["p"][:, :, None], v2["p"][:, None, :], v1["r"][col], v2["r"][row],
+            torch.tensor(diag),
+        )
+    if stats is not None:
+        stats["matmul_s"] = stats.get("matmul_s", 0.0) + (t1 - t0)
+        stats["matmul_flop"] = stats.get("matmul_flop", 0.0) + 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
+        stats["elementwise_s"] = stats.get("elementwise_s", 0.0) + (time.perf_counter() - t1)
+    return out
+
+
+def relu_ntk_tile(
+    x1: Tensor, x2: Tensor | None = None, *, depth: int, w_std: float = 2**0.5, b_std: float = 0.0,
+    kind: str = "ntk", compiled: bool = False,
+) -> Tensor:
+    """The fused ReLU NNGP/NTK (NTK parameterisation) of one tile; ``x2=None`` for a diagonal tile.
+
+    Same convention and result as ``kernels.analytic.mlp_kernels(x1, x2, activation="relu")[kind]``, in
+    ``x1``'s dtype; ``compiled=True`` uses the torch.compile'd single-pass kernel.
+    """
+    b = x1 if x2 is None else x2
+    w2, b2 = float(w_std) ** 2, float(b_std) ** 2
+    return _relu_tile_impl(x1, b, depth, w2, b2, kind == "ntk", True if compiled else None)
+
+
+# ------------------------------------------------------------------------------------------- block functions
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+@dataclass(frozen=True)
+class AnalyticKernel:
+    """Block function for the infinite-width NNGP/NTK of :mod:`kernels.analytic` (same arguments).
+
+    ``kind``: ``"ntk"`` or ``"nngp"``. ``dtype``: compute dtype, ``"float32"`` (default) or ``"float64"``.
+    ``impl``: ``"generic"`` (``mlp_kernels_from_dots``, any activation), ``"fused"`` (the fused ReLU
+    formula in eager torch), ``"compiled"`` (the same, torch.compile'd), or ``"auto"``: compiled for ReLU in
+    NTK parameterisation when the Gram is large (:data:`AUTO_COMPILE_ENTRIES`), fused when it is small,
+    generic otherwise. :func:`gram_to_zarr` resolves ``"auto"`` before it starts (see :meth:`resolved`), and
+    the resolved choice is part of the Gram's identity: a resume uses the same code path.
+    """
+
+    kind: str = "ntk"
+    depth: int = 3
+    activation: str = "relu"
+    w_std: float = 2**0.5
+    b_std: float = 0.0
+    parameterization: str = "ntk"
+    width: int | None = None
+    dtype: str = "float32"
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        from kernels.activations import get_activation
+
+        if self.kind not in ("ntk", "nngp"):
+            raise ValueError(f"kind must be 'ntk' or 'nngp', got {self.kind!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"depth must be an integer >= 0, got {self.depth!r}")
+        for name in ("w_std", "b_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.activation, str):
+            raise ValueError("activation must be a name (see kernels.activations.get_activation)")
+        get_activation(self.activation)  # raises ValueError naming the known activations
+        if self.parameterization not in ("ntk", "standard"):
+            raise ValueError(f"parameterization must be 'ntk' or 'standard', got {self.parameterization!r}")
+        if self.parameterization == "standard" and self.kind == "ntk" and not self.width:
+            raise ValueError("the standard-parameterisation NTK depends on the width: pass width=")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.impl in ("fused", "compiled") and not self.fusable:
+            raise ValueError(f"impl={self.impl!r} needs activation 'relu' and parameterization 'ntk'")
+
+    @property
+    def fusable(self) -> bool:
+        return self.activation.strip().lower() == "relu" and self.parameterization == "ntk"
+
+    def resolved(self, entries: int) -> AnalyticKernel:
+        """This kernel with ``impl="auto"`` replaced by the concrete path for a Gram of ``entries``."""
+        if self.impl != "auto":
+            return self
+        if not self.fusable:
+            return replace(self, impl="generic")
+        return replace(self, impl="compiled" if entries >= AUTO_COMPILE_ENTRIES else "fused")
+
+    def spec(self) -> dict:
+        return {
+            "type": "analytic", "module": "kernels.analytic", "network": "mlp", "kind": self.kind,
+            "depth": self.depth, "activation": self.activation, "w_std": float(self.w_std),
+            "b_std": float(self.b_std), "parameterization": self.parameterization, "width": self.width,
+            "compute_dtype": self.dtype, "impl": self.impl,
+        }
+
+    def tile(self, x1: Any, x2: Any, stats: dict | None = None) -> Tensor:
+        """One tile; ``x2 is x1`` marks a diagonal tile. ``stats`` collects matmul/elementwise seconds."""
+        dtype = _torch_dtype(self.dtype)
+        a = _to_tensor(x1, dtype)
+        b = a if x2 is x1 else _to_tensor(x2, dtype)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+            raise ValueError(f"analytic kernels need (N, d) inputs, got {tuple(a.shape)}, {tuple(b.shape)}")
+        impl = self.resolved(a.shape[0] * b.shape[0]).impl
+        if impl in ("fused", "compiled"):
+            return _relu_tile_impl(
+                a, b, self.depth, float(self.w_std) ** 2, float(self.b_std) ** 2, self.kind == "ntk",
+                True if impl == "compiled" else None, stats,
+            )
+        from kernels.analytic import mlp_kernels_from_dots
+
+        t0 = time.perf_counter()
+        dot = a @ b.T
+        t1 = time.perf_counter()
+        sq1 = (a * a).sum(dim=1)
+        sq2 = sq1 if b is a else (b * b).sum(dim=1)
+        out = mlp_kernels_from_dots(
+            dot, sq1, sq2, a.shape[1], depth=self.depth, activation=self.activation, w_std=self.w_std,
+            b_std=self.b_std, parameterization=self.parameterization, width=self.width, get=(self.kind,),
+        )[self.kind]
+        if stats is not None:
+            stats["matmul_s"] = stats.get("matmul_s", 0.0) + (t1 - t0)
+            stats["matmul_flop"] = stats.get("matmul_flop", 0.0) + 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
+            stats["elementwise_s"] = stats.get("elementwise_s", 0.0) + (time.perf_counter() - t1)
+        return out
+
+    def __call__(self, x1: Any, x2: Any) -> Tensor:
+        return self.tile(x1, x2)
+
+    def warm_up(self) -> None:
+        """Compile the fused kernel now (in this thread) if this kernel uses it."""
+        if self.impl == "compiled":
+            w2 = float(self.w_std) ** 2
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(3, 4, generator=gen, dtype=_torch_dtype(self.dtype))
+            _relu_tile_impl(x, x, self.depth, w2, float(self.b_std) ** 2, self.kind == "ntk", True)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelNTK:
+    """Block function for the empirical NTK of a torch model (:func:`kernels.empirical.empirical_ntk`,
+    ``trace=True``: the mean over the output diagonal). Its spec records the model's class, its
+    ``config`` when it has one (:class:`kernels.mlp.MLP`), the parameter count and a hash of the weights."""
+
+    model: torch.nn.Module
+    method: str = "auto"
+    _spec: dict = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        digest = hashlib.sha256()
+        n_params = 0
+        for name, p in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+            n_params += p.numel()
+        cls = type(self.model)
+        spec = {
+            "type": "empirical", "module": "kernels.empirical", "method": self.method, "trace": True,
+            "model_class": f"{cls.__module__}.{cls.__qualname__}", "n_params": int(n_params),
+            "state_sha256": digest.hexdigest(),
+        }
+        config = getattr(self.model, "config", None)
+        if isinstance(config, Mapping):
+            spec["model_config"] = _jsonable(dict(config))
+        object.__setattr__(self, "_spec", spec)
+
+    def spec(self) -> dict:
+        return dict(self._spec)
+
+    def __call__(self, x1: Any, x2: Any) -> Any:
+        from kernels.empirical import empirical_ntk
+
+        return empirical_ntk(self.model, x1, None if x2 is x1 else x2, method=self.method, trace=True)
+
+
+def kernel_spec(kernel: BlockFn) -> dict:
+    """The JSON description of a block function stored with the Gram (see the module docstring)."""
+    spec_fn = getattr(kernel, "spec", None)
+    if callable(spec_fn):
+        return _jsonable(spec_fn())
+    if isinstance(kernel, functools.partial):
+        inner = kernel_spec(kernel.func)
+        return {"type": "partial", "func": inner, "args": _jsonable(list(kernel.args)),
+                "keywords": _jsonable(dict(kernel.keywords))}
+    name = getattr(kernel, "__qualname__", type(kernel).__qualname__)
+    return {"type": "callable", "name": f"{getattr(kernel, '__module__', '?')}.{name}"}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _to_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+    """A fresh, contiguous, 64-byte aligned copy (torch's CPU allocator), so tiles compute identically."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
+    x = np.asarray(x)
+    out = torch.empty(x.shape, dtype=dtype)
+    out.numpy()[...] = x  # copies (and casts) without touching a possibly read-only source
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types (tuples become lists; anything else not JSON-able becomes its str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _as_rows(x: Any, name: str) -> Any:
+    """Inputs as something row-sliceable: numpy arrays, zarr arrays and memmaps are kept (read per tile);
+    torch tensors become numpy; lists become numpy."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__")):
+        x = np.asarray(x)
+    if len(x.shape) < 1 or x.shape[0] == 0:
+        raise GramError(f"{name} must have at least one row, got shape {tuple(x.shape)}")
+    if not np.issubdtype(np.dtype(x.dtype), np.number):
+        raise GramError(f"{name} must be numeric, got dtype {x.dtype}")
+    return x
+
+
+def input_fingerprint(x: Any, rows_per_step: int = 8192) -> str:
+    """blake2b-128 of the shape, dtype and bytes of ``x``, read in row blocks (memory independent of N)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"shape": list(x.shape), "dtype": str(np.dtype(x.dtype))}).encode())
+    for lo in range(0, x.shape[0], rows_per_step):
+        digest.update(np.ascontiguousarray(np.asarray(x[lo : lo + rows_per_step])).tobytes())
+    return digest.hexdigest()
+
+
+def _compressor(spec: Any, itemsize: int) -> list:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if spec is None or spec == "none":
+        return []
+    if spec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)]
+    if spec == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize)]
+    if spec == "zstd":
+        return [ZstdCodec(level=3)]
+    if isinstance(spec, str):
+        raise GramError(f"compressor must be one of {COMPRESSORS} or a zarr codec, got {spec!r}")
+    return [spec]
+
+
+def _compressor_name(spec: Any) -> str:
+    return spec if isinstance(spec, str) or spec is None else type(spec).__name__
+
+
+def _open_store(store: Any, *, create: bool) -> Any:
+    """A zarr store: folder paths become a ``LocalStore`` (created when ``create``); URLs and ``Store``
+    objects pass through."""
+    from zarr.storage import LocalStore
+
+    if isinstance(store, (str, os.PathLike)) and "://" not in str(store):
+        folder = Path(store).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise GramError(f"store {folder}: exists and is not a folder (a Zarr store is a directory)")
+        if not folder.exists():
+            if not create:
+                raise GramError(f"store {folder}: no such Zarr store")
+            folder.mkdir(parents=True, exist_ok=True)
+        return LocalStore(str(folder), read_only=not create)
+    return store
+
+
+def _where(store: Any, path: str) -> str:
+    root = getattr(store, "root", store)
+    return f"store {root} path {path!r}"
+
+
+def _check_path(path: str) -> str:
+    if not isinstance(path, str) or not path.strip("/"):
+        raise GramError(f"path must be a non-empty array name inside the store, got {path!r}")
+    parts = path.strip("/").split("/")
+    if any(p in ("", ".", "..") or p.startswith("__") for p in parts):
+        raise GramError(f"path {path!r}: invalid Zarr node name")
+    return "/".join(parts)
+
+
+def _open_existing(zstore: Any, path: str, where: str, *, mode: str = "r") -> Any | None:
+    """The array at ``path``, None when nothing is there; GramError when the node is unreadable."""
+    import zarr
+
+    try:
+        return zarr.open_array(zstore, path=path, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # zarr raises many types for corrupt metadata: json, KeyError, ValueError, ...
+        if type(exc).__name__ in ("ArrayNotFoundError", "NodeNotFoundError", "GroupNotFoundError"):
+            return None
+        if type(exc).__name__ == "ContainsGroupError":
+            raise GramError(f"{where}: holds a Zarr group, not a Gram array") from None
+        raise GramError(f"{where}: unreadable Zarr array ({type(exc).__name__}: {exc})") from None
+
+
+def _gram_attrs(arr: Any, where: str) -> dict:
+    try:
+        attrs = dict(arr.attrs)
+    except Exception as exc:
+        raise GramError(f"{where}: unreadable attributes ({type(exc).__name__}: {exc})") from None
+    meta = attrs.get(ATTR_KEY)
+    if not isinstance(meta, dict) or not isinstance(meta.get("gram"), dict):
+        raise GramError(f"{where}: not an ntk-sweep Gram (no '{ATTR_KEY}' attributes)")
+    return meta
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{prefix} (stored {old!r}, requested {new!r})"
+
+
+def _read_done(markers: Any, shape: tuple[int, int]) -> np.ndarray:
+    """The tile record as a bool array; a marker that cannot be read counts as not done."""
+    try:
+        return np.asarray(markers[...]) == 1
+    except Exception:
+        done = np.zeros(shape, dtype=bool)
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                try:
+                    done[i, j] = int(np.asarray(markers[i, j])) == 1
+                except Exception:
+                    done[i, j] = False
+        return done
+
+
+# --------------------------------------------------------------------------------------------- tiles
+
+
+@dataclass(frozen=True, eq=False)
+class _TileJob:
+    """Everything a tile task needs except the inputs (small, picklable for Ray)."""
+
+    kernel: BlockFn
+    gram: Any  # zarr.Array
+    markers: Any  # zarr.Array
+    n1: int
+    n2: int
+    block: int
+    symmetric: bool
+    dtype: str
+    torch_threads: int | None
+
+
+def _call_kernel(kernel: BlockFn, a: Any, b: Any, stats: dict) -> Any:
+    tile_fn = getattr(kernel, "tile", None)
+    if callable(tile_fn):
+        return tile_fn(a, b, stats)
+    return kernel(a, b)
+
+
+def _run_tile(job: _TileJob, x1: Any, x2: Any, i: int, j: int) -> dict:
+    """Compute tile ``(i, j)``, write it (and its transpose), then record it as done."""
+    if job.torch_threads:
+        # In this thread: OpenMP's thread count is per-thread state, so the main thread's setting does not
+        # reach Dask's worker threads, whose matmuls would each start a team of all cores (oversubscribed).
+        torch.set_num_threads(job.torch_threads)
+    t0 = time.perf_counter()
+    r0, r1 = i * job.block, min(job.n1, (i + 1) * job.block)
+    c0, c1 = j * job.block, min(job.n2, (j + 1) * job.block)
+    a = np.asarray(x1[r0:r1])
+    b = a if job.symmetric and i == j else np.asarray((x1 if job.symmetric else x2)[c0:c1])
+    stats: dict = {}
+    t1 = time.perf_counter()
+    out = _call_kernel(job.kernel, a, b, stats)
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    out = np.asarray(out, dtype=job.dtype)
+    if out.shape != (r1 - r0, c1 - c0):
+        raise GramError(f"the kernel returned shape {out.shape} for a {(r1 - r0, c1 - c0)} tile")
+    if job.symmetric and i == j:
+        out = (out + out.T) * np.asarray(0.5, dtype=job.dtype)  # exactly symmetric
+    t2 = time.perf_counter()
+    mirror = job.symmetric and i != j
+    job.gram[r0:r1, c0:c1] = out
+    if mirror:  # torch's blocked transpose copy is ~2x faster than numpy's here
+        job.gram[c0:c1, r0:r1] = torch.from_numpy(out).T.contiguous().numpy()
+    job.markers[i, j] = 1  # only after the chunk writes returned
+    t3 = time.perf_counter()
+    entries = (r1 - r0) * (c1 - c0)
+    stats.update(read_s=t1 - t0, kernel_s=t2 - t1, write_s=t3 - t2, tile_s=t3 - t0, entries=entries,
+                 written=entries * (2 if mirror else 1))
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class GramResult:
+    """What :func:`gram_to_zarr` did. ``entries_per_s``: Gram entries written (tiles and their mirrors)
+    per wall second of this call; ``stats``: per-stage seconds summed over tiles (read, kernel, matmul,
+    elementwise, write)."""
+
+    store: str
+    path: str
+    shape: tuple[int, int]
+    block: int
+    tiles_total: int
+    tiles_skipped: int
+    tiles_computed: int
+    seconds: float
+    entries_written: int
+    entries_computed: int
+    stats: dict
+
+    @property
+    def entries_per_s(self) -> float:
+        return self.entries_written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _resolve_scheduler(scheduler: Any) -> tuple[str, Any]:
+    import dask.local
+    import dask.threaded
+
+    if scheduler in (None, "threads", "threaded"):
+        return "threads", dask.threaded.get
+    if scheduler in ("sync", "synchronous", "single-threaded"):
+        return "sync", dask.local.get_sync
+    if scheduler == "ray":
+        import ray
+        from ray.util.dask import ray_dask_get
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        return "ray", ray_dask_get
+    if callable(scheduler):
+        return "custom", scheduler
+    raise GramError(f"scheduler must be 'threads', 'sync', 'ray' or a Dask get function, got {scheduler!r}")
+
+
+def _tile_grid(n1: int, n2: int, block: int) -> tuple[int, int]:
+    return -(-n1 // block), -(-n2 // block)
+
+
+def gram_to_zarr(
+    kernel: BlockFn,
+    x1: Any,
+    x2: Any = None,
+    *,
+    store: Any,
+    path: str = "gram",
+    block: int = DEFAULT_BLOCK,
+    dtype: str = "float32",
+    compressor: Any = "blosc-lz4",
+    scheduler: Any = None,
+    attrs: Mapping | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    torch_threads: int | None = None,
+    progress: bool = True,
+    max_tiles: int | None = None,
+) -> GramResult:
+    """Compute the Gram ``kernel(x1, x2)`` (``x2=None``: ``kernel(x1, x1)``, symmetric) tile by tile into
+    the Zarr array ``path`` of ``store``; resumes an interrupted run. See the module docstring.
+
+    Args:
+        kernel: block function ``(x1_block, x2_block) -> (b1, b2)`` (:class:`AnalyticKernel`,
+            :class:`ModelNTK`, or any callable).
+        x1, x2: ``(N, ...)`` inputs (numpy, torch, zarr arrays or memmaps; the last two are read per tile).
+        store: folder path (created), URL, or zarr ``Store``. ``path``: the array's name in it.
+        block: tile edge ``b`` (also the chunk edge). ``dtype``: stored dtype (float16/32/64).
+        compressor: ``"blosc-lz4"`` (default), ``"blosc-zstd"``, ``"zstd"``, ``"none"`` or a zarr codec.
+        scheduler: ``None``/``"threads"``, ``"sync"``, ``"ray"`` or a Dask get function.
+        attrs: JSON-able description of the data (dataset, split, subset key, preprocessing), stored as-is.
+        overwrite: replace a different Gram found at ``path`` (default: refuse, and resume an identical one).
+        workers: tiles computed at once (threads scheduler; default: the usable cores).
+        torch_threads: torch intra-op threads per tile (default: cores // workers, at least 1).
+        progress: show a tqdm bar over tiles (on stderr).
+        max_tiles: compute at most this many pending tiles, then return (for tests and chunked runs).
+    Returns:
+        A :class:`GramResult`. Raises :class:`GramError` for bad arguments and bad/mismatching stores.
+    """
+    import dask
+    import zarr
+
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise GramError(f"block must be a positive integer, got {block!r}")
+    block = int(block)
+    if dtype not in DTYPES:
+        raise GramError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not callable(kernel):
+        raise GramError(f"kernel must be a block function (x1_block, x2_block) -> (b1, b2), got {kernel!r}")
+    path = _check_path(path)
+    symmetric = x2 is None
+    x1 = _as_rows(x1, "x1")
+    x2 = None if symmetric else _as_rows(x2, "x2")
+    if x2 is not None and tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+        raise GramError(f"x1 and x2 rows differ in shape: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}")
+    n1 = int(x1.shape[0])
+    n2 = n1 if symmetric else int(x2.shape[0])
+    nt1, nt2 = _tile_grid(n1, n2, block)
+    all_tiles = [(i, j) for i in range(nt1) for j in range(nt2) if not symmetric or i <= j]
+    if isinstance(kernel, AnalyticKernel):
+        total_entries = sum(min(block, n1 - i * block) * min(block, n2 - j * block) for i, j in all_tiles)
+        kernel = kernel.resolved(total_entries)
+    try:
+        data_attrs = _jsonable(dict(attrs or {}))
+    except (TypeError, ValueError) as exc:
+        raise GramError(f"attrs must be a JSON-able mapping ({exc})") from None
+    mode, get = _resolve_scheduler(scheduler)
+    cores = _usable_cores()
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise GramError(f"workers must be a positive integer, got {workers!r}")
+    workers = workers or cores
+    if torch_threads is None:
+        torch_threads = 1 if mode == "ray" else max(1, cores // workers)
+
+    inputs = {name: {"shape": list(v.shape), "dtype": str(np.dtype(v.dtype)), "blake2b": input_fingerprint(v)}
+              for name, v in (("x1", x1), ("x2", x2)) if v is not None}
+    identity = _jsonable({
+        "gram": {"format": FORMAT_VERSION, "shape": [n1, n2], "block": block, "tiles": [nt1, nt2],
+                 "dtype": dtype, "symmetric": symmetric},
+        "kernel": kernel_spec(kernel),
+        "inputs": inputs,
+    })
+
+    zstore = _open_store(store, create=True)
+    where = _where(zstore, path)
+    tiles_path = path + TILES_SUFFIX
+    gram = _open_existing(zstore, path, where, mode="r+")
+    markers = None
+    if gram is not None and not overwrite:
+        meta = _gram_attrs(gram, where)
+        stored = {k: meta.get(k) for k in ("kernel", "inputs")}
+        stored["gram"] = {k: meta["gram"].get(k) for k in identity["gram"]}
+        diff = _first_difference(stored, identity)
+        if diff:
+            raise GramError(f"{where}: holds a different Gram, {diff}; use another path or overwrite")
+        markers = _open_existing(zstore, tiles_path, _where(zstore, tiles_path), mode="r+")
+        if markers is not None and tuple(markers.shape) != (nt1, nt2):
+            markers = None
+    if gram is None or overwrite:
+        meta = dict(identity)
+        meta["gram"] = dict(identity["gram"], compressor=_compressor_name(compressor), complete=False,
+                            tiles_path=tiles_path)
+        meta["data"] = data_attrs
+        meta["software"] = {"torch": torch.__version__, "zarr": zarr.__version__, "dask": dask.__version__}
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        markers = zarr.create_array(
+            zstore, name=tiles_path, shape=(nt1, nt2), chunks=(1, 1), dtype="uint8", fill_value=0,
+            compressors=None, dimension_names=("tile_row", "tile_col"), overwrite=True,
+            attributes={"gram_path": path, "meaning": "1 = tile (i, j) written (and mirrored)"},
+        )
+        gram = zarr.create_array(
+            zstore, name=path, shape=(n1, n2), chunks=(block, block), dtype=dtype, fill_value=float("nan"),
+            compressors=_compressor(compressor, np.dtype(dtype).itemsize), dimension_names=("row", "col"),
+            attributes={ATTR_KEY: meta}, overwrite=True,
+        )
+    elif markers is None:
+        markers = zarr.create_array(
+            zstore, name=tiles_path, shape=(nt1, nt2), chunks=(1, 1), dtype="uint8", fill_value=0,
+            compressors=None, dimension_names=("tile_row", "tile_col"), overwrite=True,
+        )
+
+    # Every tile is written whole: skip zarr's "is this chunk all fill value?" scan (a third of a write).
+    gram = gram.with_config({"write_empty_chunks": True})
+    markers = markers.with_config({"write_empty_chunks": True})
+    done = _read_done(markers, (nt1, nt2))
+    pending = [(i, j) for i, j in all_tiles if not done[i, j]]
+    skipped = len(all_tiles) - len(pending)
+    if max_tiles is not None:
+        pending = pending[: max(0, int(max_tiles))]
+
+    job = _TileJob(kernel, gram, markers, n1, n2, block, symmetric, dtype, torch_threads)
+    t_start = time.perf_counter()
+    results: list[dict] = []
+    if pending:
+        token = identity["inputs"]["x1"]["blake2b"][:12]
+        results = _execute(job, x1, x2, pending, mode, get, workers, torch_threads, progress,
+                           initial=skipped, total=len(all_tiles), token=token)
+    seconds = time.perf_counter() - t_start
+
+    if skipped + len(pending) == len(all_tiles):
+        if _read_done(markers, (nt1, nt2))[tuple(np.array(all_tiles).T)].all():
+            meta = _gram_attrs(gram, where)
+            if not meta["gram"].get("complete"):
+                meta["gram"]["complete"] = True
+                gram.update_attributes({ATTR_KEY: meta})
+    stats: dict = {}
+    for r in results:
+        for k, v in r.items():
+            stats[k] = stats.get(k, 0) + v
+    stats.update(workers=workers if mode == "threads" else None, torch_threads=torch_threads, scheduler=mode)
+    return GramResult(
+        store=str(getattr(zstore, "root", store)), path=path, shape=(n1, n2), block=block,
+        tiles_total=len(all_tiles), tiles_skipped=skipped, tiles_computed=len(results), seconds=seconds,
+        entries_written=int(stats.get("written", 0)), entries_computed=int(stats.get("entries", 0)),
+        stats=stats,
+    )
+
+
+def _execute(
+    job: _TileJob, x1: Any, x2: Any, pending: list, mode: str, get: Any, workers: int, torch_threads: int,
+    progress: bool, *, initial: int, total: int, token: str,
+) -> list[dict]:
+    import dask
+    from dask.callbacks import Callback
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="tile", desc=f"gram {job.gram.path}", disable=not progress,
+               smoothing=0.05)
+    prefix = f"gram-tile-{token}-"
+    try:
+        if mode == "ray":
+            import ray
+
+            job_arg, x1_arg = ray.put(job), ray.put(x1) if isinstance(x1, np.ndarray) else x1
+            x2_arg = ray.put(x2) if isinstance(x2, np.ndarray) else x2
+        else:
+            job_arg, x1_arg, x2_arg = job, x1, x2
+        if mode in ("threads", "sync") and isinstance(job.kernel, AnalyticKernel):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(torch_threads)
+            job.kernel.warm_up()  # compile once here, with the worker thread count, not in a worker
+        else:
+            previous = None
+        run = dask.delayed(_run_tile, pure=False)
+        tasks = [run(job_arg, x1_arg, x2_arg, i, j, dask_key_name=f"{prefix}{i}-{j}") for i, j in pending]
+        try:
+            if mode == "ray":
+                import ray
+
+                refs = list(dask.compute(*tasks, scheduler=get, ray_persist=True))
+                results = []
+                while refs:
+                    ready, refs = ray.wait(refs, num_returns=1)
+                    results.extend(ray.get(ready))
+                    bar.update(len(ready))
+                return results
+
+            class _Progress(Callback):
+                def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ARG002
+                    if str(key).startswith(prefix):
+                        bar.update(1)
+
+            kwargs = {"num_workers": workers} if mode == "threads" else {}
+            with _Progress():
+                return list(dask.compute(*tasks, scheduler=get, **kwargs))
+        finally:
+            if previous is not None:
+                torch.set_num_threads(previous)
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+def gram_status(store: Any, path: str = "gram") -> dict:
+    """The Gram's attributes (:data:`ATTR_KEY`) plus ``tiles_done``/``tiles_total`` from the tile record."""
+    path = _check_path(path)
+    zstore = _open_store(store, create=False)
+    where = _where(zstore, path)
+    arr = _open_existing(zstore, path, where)
+    if arr is None:
+        raise GramError(f"{where}: no Gram there")
+    meta = _gram_attrs(arr, where)
+    nt1, nt2 = meta["gram"]["tiles"]
+    markers = _open_existing(zstore, path + TILES_SUFFIX, _where(zstore, path + TILES_SUFFIX))
+    done = np.zeros((nt1, nt2), dtype=bool) if markers is None else _read_done(markers, (nt1, nt2))
+    if meta["gram"].get("symmetric"):
+        done = np.triu(done)
+        total = nt1 * (nt1 + 1) // 2
+    else:
+        total = nt1 * nt2
+    return dict(meta, tiles_done=int(done.sum()), tiles_total=int(total))
+
+
+def open_gram(store: Any, path: str = "gram", *, allow_incomplete: bool = False) -> Any:
+    """The Gram at ``store``/``path`` as a lazy ``dask.array`` (chunks = tiles).
+
+    Raises :class:`GramError` when the store or path is missing, unreadable or not a Gram, or when the Gram
+    is incomplete (unless ``allow_incomplete``: then unwritten tiles read as NaN).
+    """
+    import dask.array as da
+
+    path = _check_path(path)
+    zstore = _open_store(store, create=False)
+    where = _where(zstore, path)
+    arr = _open_existing(zstore, path, where)
+    if arr is None:
+        raise GramError(f"{where}: no Gram there")
+    meta = _gram_attrs(arr, where)
+    if not meta["gram"].get("complete") and not allow_incomplete:
+        status = gram_status(store, path)
+        raise GramError(
+            f"{where}: incomplete Gram ({status['tiles_done']}/{status['tiles_total']} tiles); "
+            "re-run gram_to_zarr to finish it, or pass allow_incomplete=True"
+        )
+    if tuple(arr.shape) != tuple(meta["gram"]["shape"]):
+        stated = meta["gram"]["shape"]
+        raise GramError(f"{where}: array shape {arr.shape} differs from its attributes {stated}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return da.from_zarr(arr)

@@ -1,0 +1,268 @@
+"""``ntk-sweep gram``: the analytic NNGP/NTK Gram of a dataset, tiled into a Zarr store.
+
+    ntk-sweep gram --dataset mnist --split train+test --n all --depth 3 --activation relu \\
+        --kernel ntk --out grams.zarr
+
+Rows of the Gram: the chosen split(s) in file order, train rows first, then test rows.
+
+* ``--n all`` (the default): every image of the split(s), no class balancing. Images are flattened and
+  preprocessed by ``--preprocess`` (default ``standardize``): pixels divided by the dataset's maximum (255;
+  16 for digits), then each feature z-scored with the mean and standard deviation of the *train* split (the
+  train split is read for its statistics even when only ``test`` is asked for; constant features get std 1).
+  ``unit_norm`` scales every row to squared norm ``d``; ``raw01`` only divides. These are the definitions
+  of :func:`pipeline.data.preprocess_images`, evaluated here in row blocks (float64 per block, float32
+  out) so that the 70,000 x 784 MNIST inputs cost 220 MB and no float64 copy of the whole set.
+* ``--n-train A --n-test B``: the class-balanced, seeded subset of :func:`pipeline.data.make_subset`
+  (``--seed``, same preprocessing names); the split(s) choose which of its parts become rows. ``--n N`` with
+  ``--split train`` (or ``test``) is a shorthand for ``--n-train N`` (``--n-test N``).
+
+The store's array (``--path``, default the ``--kernel`` name) records the kernel, the data (dataset, split,
+subset key, preprocessing, the row layout) and the inputs' fingerprint in its attributes; re-running the
+same command resumes an interrupted run (only unfinished tiles are computed), and a different Gram at the
+same path is refused unless ``--overwrite``. See :mod:`kernels.gram` for the store layout and the readers.
+Heavy imports (torch, dask, zarr) happen inside :func:`main` so ``ntk-sweep --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pipeline.errors import UserError
+
+SPLIT_CHOICES = ("train", "test", "train+test")
+KINDS = ("ntk", "nngp")
+PREPROCESS = ("standardize", "unit_norm", "raw01")
+COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")  # kernels.gram.COMPRESSORS, without importing it
+IMPLS = ("auto", "compiled", "fused", "generic")
+SCHEDULERS = ("threads", "sync", "ray")
+_ROWS_PER_STEP = 8192
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``gram`` command's options (argparse errors, e.g. a bad choice, exit with status 2)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="mnist, fashion_mnist, cifar10 or digits")
+    data.add_argument("--split", default="train", choices=SPLIT_CHOICES,
+                      help="rows of the Gram: train, test, or train+test (train rows first); default train")
+    data.add_argument("--n", default=None,
+                      help="'all' (default): the whole split(s), no class balancing; an integer N: a "
+                           "class-balanced subset of N from a single split (like --n-train/--n-test)")
+    data.add_argument("--n-train", type=int, default=None, help="class-balanced train subset size")
+    data.add_argument("--n-test", type=int, default=None, help="class-balanced test subset size")
+    data.add_argument("--seed", type=int, default=0, help="subset seed (with --n-train/--n-test); default 0")
+    data.add_argument("--preprocess", default="standardize", choices=PREPROCESS,
+                      help="standardize (default; train statistics), unit_norm or raw01")
+    data.add_argument("--data-dir", default=None,
+                      help="dataset root (default: $NTK_SWEEP_DATA, else the user cache)")
+
+    kern = parser.add_argument_group("kernel")
+    kern.add_argument("--kernel", default="ntk", choices=KINDS, help="ntk (default) or nngp")
+    kern.add_argument("--depth", type=int, default=3, help="hidden layers (default 3)")
+    kern.add_argument("--activation", default="relu", help="relu (default), erf, gelu, tanh, ...")
+    kern.add_argument("--w-std", type=float, default=2**0.5, help="weight std (default sqrt 2)")
+    kern.add_argument("--b-std", type=float, default=0.0, help="bias std (default 0)")
+    kern.add_argument("--parameterization", default="ntk", choices=("ntk", "standard"))
+    kern.add_argument("--width", type=int, default=None, help="width (standard-parameterisation NTK only)")
+    kern.add_argument("--impl", default="auto", choices=IMPLS,
+                      help="auto (default): compiled fused ReLU kernel for large Grams, else fused/generic")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, help="Zarr store folder (created if absent)")
+    out.add_argument("--path", default=None, help="array name in the store (default: the --kernel name)")
+    out.add_argument("--block", type=int, default=2048, help="tile / chunk edge (default 2048)")
+    out.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                     help="stored and computed dtype (default float32)")
+    out.add_argument("--compressor", default="blosc-lz4", choices=COMPRESSORS)
+    out.add_argument("--overwrite", action="store_true", help="replace a different Gram found at --path")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--scheduler", default="threads", choices=SCHEDULERS,
+                     help="threads (default, local Dask), sync, or ray (Ray's Dask scheduler)")
+    run.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    run.add_argument("--workers", type=int, default=None, help="tiles at once (threads; default: cores)")
+    run.add_argument("--torch-threads", type=int, default=None, help="torch threads per tile (default 1)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _parse_n(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """``(n_train, n_test)`` for a subset, or ``(None, None)`` for the whole split(s)."""
+    subset = args.n_train is not None or args.n_test is not None
+    n = args.n
+    if n is not None and subset:
+        raise UserError("--n cannot be combined with --n-train/--n-test")
+    if n is None or str(n).strip().lower() == "all":
+        if not subset:
+            return None, None
+        parts = args.split.split("+")
+        if "train" in parts and args.n_train is None:
+            raise UserError(f"--split {args.split} with a subset needs --n-train")
+        if "test" in parts and args.n_test is None:
+            raise UserError(f"--split {args.split} with a subset needs --n-test")
+        return args.n_train, args.n_test
+    try:
+        count = int(str(n))
+    except ValueError:
+        raise UserError(f"--n {n!r}: expected 'all' or a positive integer") from None
+    if count <= 0:
+        raise UserError(f"--n {count}: must be positive")
+    if args.split == "train+test":
+        raise UserError("--n N with --split train+test is ambiguous: give --n-train and --n-test")
+    return (count, None) if args.split == "train" else (None, count)
+
+
+def _standardize_stats(x_train: Any, pixel_max: float) -> tuple[Any, Any]:
+    """Per-feature mean and std (float64) of ``x_train / pixel_max``, accumulated in row blocks."""
+    import numpy as np
+
+    flat = x_train.reshape(len(x_train), -1)
+    total = np.zeros(flat.shape[1])
+    for lo in range(0, len(flat), _ROWS_PER_STEP):
+        total += (flat[lo : lo + _ROWS_PER_STEP].astype(np.float64) / pixel_max).sum(axis=0)
+    mean = total / len(flat)
+    sq = np.zeros(flat.shape[1])
+    for lo in range(0, len(flat), _ROWS_PER_STEP):
+        sq += ((flat[lo : lo + _ROWS_PER_STEP].astype(np.float64) / pixel_max - mean) ** 2).sum(axis=0)
+    std = np.sqrt(sq / len(flat))
+    std[std < 1e-12] = 1.0
+    return mean, std
+
+
+def _preprocess_rows(images: Any, method: str, pixel_max: float, stats: tuple | None, out: Any) -> None:
+    """Flatten and preprocess ``images`` into the float32 array ``out`` (same rows), block by block."""
+    import numpy as np
+
+    flat = images.reshape(len(images), -1)
+    d = flat.shape[1]
+    for lo in range(0, len(flat), _ROWS_PER_STEP):
+        a = flat[lo : lo + _ROWS_PER_STEP].astype(np.float64) / pixel_max
+        if method == "standardize":
+            a = (a - stats[0]) / stats[1]
+        elif method == "unit_norm":
+            norms = np.linalg.norm(a, axis=1, keepdims=True)
+            a = a * (np.sqrt(d) / np.where(norms > 0, norms, 1.0))
+        out[lo : lo + len(a)] = a
+
+
+def load_inputs(
+    dataset: str,
+    split: str,
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    preprocess: str = "standardize",
+    data_dir: str | None = None,
+) -> tuple[Any, dict]:
+    """The Gram's input rows ``(N, d) float32`` and the attributes that identify them.
+
+    ``n_train = n_test = None``: the whole split(s) (see the module docstring for the preprocessing);
+    otherwise the class-balanced subset of :func:`pipeline.data.make_subset`.
+    """
+    import numpy as np
+
+    from pipeline import data
+
+    parts = split.split("+")
+    root = data.resolve_data_root(data_dir)
+    attrs: dict = {"dataset": dataset, "split": split, "preprocess": preprocess}
+    if n_train is None and n_test is None:
+        needed = sorted(set(parts) | ({"train"} if preprocess == "standardize" else set()))
+        images = {s: data.load_dataset(dataset, root, s)[0] for s in needed}
+        pixel_max = data.PIXEL_MAX[dataset]
+        stats = _standardize_stats(images["train"], pixel_max) if preprocess == "standardize" else None
+        sizes = [len(images[s]) for s in parts]
+        d = int(np.prod(images[parts[0]].shape[1:]))
+        x = np.empty((sum(sizes), d), dtype=np.float32)
+        rows, start = [], 0
+        for s, size in zip(parts, sizes, strict=True):
+            _preprocess_rows(images[s], preprocess, pixel_max, stats, x[start : start + size])
+            rows.append({"split": s, "start": start, "stop": start + size})
+            start += size
+        attrs.update(n="all", rows=rows, pixel_max=pixel_max,
+                     statistics="train split" if preprocess == "standardize" else None)
+        return x, attrs
+    k = data.NUM_CLASSES
+    subset = data.make_subset(
+        dataset, root, n_train=k if n_train is None else n_train, n_test=k if n_test is None else n_test,
+        seed=seed, preprocess=preprocess,
+    )
+    blocks = {"train": subset.x_train, "test": subset.x_test}
+    x = np.concatenate([blocks[s] for s in parts]).astype(np.float32, copy=False)
+    rows, start = [], 0
+    for s in parts:
+        rows.append({"split": s, "start": start, "stop": start + len(blocks[s])})
+        start += len(blocks[s])
+    attrs.update(n="subset", subset_key=subset.key, seed=seed, n_train=subset.n_train, n_test=subset.n_test,
+                 classes=list(subset.classes), rows=rows)
+    return x, attrs
+
+
+# --------------------------------------------------------------------------------------------- command
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.block is None or args.block < 1:
+        raise UserError(f"--block {args.block}: must be a positive integer")
+    if args.depth < 0:
+        raise UserError(f"--depth {args.depth}: must be >= 0")
+    for flag, value in (("--w-std", args.w_std), ("--b-std", args.b_std)):
+        if not value >= 0 or value == float("inf"):
+            raise UserError(f"{flag} {value}: must be a finite number >= 0")
+    for flag, value in (("--workers", args.workers), ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be a positive integer")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``ntk-sweep gram``; returns the exit status (bad input raises :class:`UserError`)."""
+    _check_args(args)
+    n_train, n_test = _parse_n(args)
+
+    import os
+
+    from kernels.gram import AnalyticKernel, GramError, gram_to_zarr
+
+    try:
+        kernel = AnalyticKernel(
+            kind=args.kernel, depth=args.depth, activation=args.activation, w_std=args.w_std,
+            b_std=args.b_std, parameterization=args.parameterization, width=args.width, dtype=args.dtype,
+            impl=args.impl,
+        )
+    except ValueError as exc:
+        raise UserError(f"kernel options: {exc}") from None
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a folder")
+    x, attrs = load_inputs(
+        args.dataset, args.split, n_train=n_train, n_test=n_test, seed=args.seed, preprocess=args.preprocess,
+        data_dir=args.data_dir,
+    )
+    scheduler = args.scheduler
+    if scheduler == "ray" and args.ray_address:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, log_to_driver=False)
+    path = args.path or args.kernel
+    try:
+        result = gram_to_zarr(
+            kernel, x, store=out, path=path, block=args.block, dtype=args.dtype, compressor=args.compressor,
+            scheduler=scheduler, attrs=attrs, overwrite=args.overwrite, workers=args.workers,
+            torch_threads=args.torch_threads, progress=not args.no_progress,
+        )
+    except GramError as exc:
+        raise UserError(f"--out {out} --path {path}: {exc}") from None
+    n1, n2 = result.shape
+    rate = f"{result.entries_per_s:.3g} entries/s" if result.tiles_computed else "nothing to do"
+    print(
+        f"{out}/{path}: {args.kernel} Gram {n1} x {n2} ({args.dataset} {args.split}), "
+        f"{result.tiles_computed} tiles computed, {result.tiles_skipped} already done, "
+        f"{result.seconds:.1f} s, {rate}",
+        file=sys.stdout,
+    )
+    return 0
