@@ -103,7 +103,9 @@ def _subset_config(row: dict) -> RunConfig:
     return RunConfig(**fields)
 
 
-def _load_subset(config: RunConfig, data_dir: str | None):
+def load_recorded_subset(config: RunConfig, data_dir: str | None = None):
+    """The subset of a recorded run: from ``data_dir`` if given, else the run's own data directory,
+    falling back to the default root (a results directory may come from another machine)."""
     from pipeline.train import load_subset
 
     if data_dir is not None:
@@ -154,7 +156,7 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
         idx = [by_seed[s] for s in sorted(by_seed)]
         config = _subset_config(rows_all[idx[0]])
         try:
-            subset = _load_subset(config, data_dir)
+            subset = load_recorded_subset(config, data_dir)
             cache_key = json.dumps([subset.key, config.depth, config.activation, config.w_std, config.b_std])
             if cache_key not in analytic_cache:
                 nngp = mlp_kernels(subset.x_test.astype(np.float64), depth=config.depth,

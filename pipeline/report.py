@@ -496,29 +496,19 @@ def _plot_heatmap(root: Path, runs_table, runs, groups: list[Group], path: Path)
     return False, "No ok run with a stored empirical NTK Gram: heatmap skipped."
 
 
-def _load_subset(config):
-    from pipeline.train import load_subset
-
-    try:
-        return load_subset(config)
-    except Exception:  # noqa: BLE001 - a data_dir recorded on another machine: try the default root
-        if config.data_dir is None:
-            raise
-        return load_subset(config.model_copy(update={"data_dir": None}))
-
-
 def _draw_heatmap(root: Path, rows: list[dict], g: Group, path: Path) -> str:
     import dataclasses
 
     import numpy as np
     from matplotlib.colors import Normalize
 
+    from pipeline.gp_init import load_recorded_subset
     from pipeline.store import ResultsStore
     from pipeline.train import analytic_kernels
 
     store = ResultsStore(root)
     config = run_config_from_row(rows[0])
-    subset = _load_subset(config)
+    subset = load_recorded_subset(config)
     labels = np.concatenate([subset.labels_train, subset.labels_test])
     n_all = len(labels)
     order = np.argsort(labels, kind="stable")
@@ -874,9 +864,11 @@ def input_dim(settings: dict[str, Any]) -> int | None:
     if settings.get("dataset") in INPUT_DIM:
         return INPUT_DIM[settings["dataset"]]
     try:
+        from pipeline.gp_init import load_recorded_subset
         from pipeline.run_config import RunConfig
 
-        return _load_subset(RunConfig(**{k: v for k, v in settings.items() if k in RunConfig.model_fields})).dim
+        fields = {k: v for k, v in settings.items() if k in RunConfig.model_fields}
+        return load_recorded_subset(RunConfig(**fields)).dim
     except Exception:  # noqa: BLE001 - no data here: the threshold cannot be placed
         return None
 
