@@ -41,19 +41,27 @@ tile, aligned copies of the inputs), so the result equals an uninterrupted run b
 
 **Memory bound.** Tiles are streamed: each task reads its rows of the inputs, computes one ``(b, b)`` tile,
 writes it and returns only a few timings. With ``W`` tiles in flight (the Dask workers), peak resident memory
-is about ``R0 + S + W * c * b^2 * 4`` bytes: ``R0`` the interpreter with torch/dask/zarr (~0.4 GB), ``S`` the
-inputs if they are held in memory (``N d * 4`` bytes; zero when ``x1``/``x2`` are zarr arrays or memmaps,
-read per tile), and ``c`` about 8 tile-sized float32 buffers per worker (inputs, matmul, kernel output,
-transpose, compressed bytes). Nothing grows with ``N`` except ``S``; with the defaults (``b = 2048``, two
-workers) the tile term is about 0.3 GB.
+is about ``R0 + S + W * c * b^2 * 4`` bytes, independent of ``N`` except through ``S``: ``R0`` the interpreter
+with torch/dask/zarr and the compiled kernel (0.36 GiB measured), ``S`` the inputs held in memory (``N d * 4``
+bytes, 0.22 GB for 70,000 MNIST images; pass zarr arrays or memmaps to read them per tile instead, though a
+memmap's pages still count as resident once touched), and ``c b^2 * 4`` the per-worker working set: input
+rows, matmul, kernel output, transpose, chunk and compressed buffers, with ``c`` about 15 (0.25 GiB per
+worker at the default ``b = 2048``). Measured peaks (two workers, memmapped MNIST, ``bench/gram.py``):
+0.60 GiB at N = 5,000, 0.86 GiB at 20,000, 1.11 GiB at 70,000.
 
 **Schedulers** (``scheduler=``): ``None``/``"threads"``: Dask's local threaded scheduler with ``workers``
 threads (default: the usable cores) and ``torch_threads`` intra-op threads per tile (default
-``cores // workers``, i.e. 1); ``"sync"``: one thread, for debugging; ``"ray"``: the same graph run by
-:func:`ray.util.dask.ray_dask_get` on the Ray cluster that ``ray.init`` connects to (``RAY_ADDRESS``, or a
-local one), one CPU per tile task, inputs put once into Ray's object store; the store must then be
-reachable from every node (a shared file system or an object-store URL). Any Dask ``get`` callable also works.
-``ray.util.dask`` (Ray 2.60) refuses Dask older than 2024.11.0 at import; tested here with Dask 2026.8.0.
+``cores // workers``, i.e. 1). Each tile task sets the torch thread count *in its own thread*: OpenMP keeps
+it per thread, so a count set only in the main thread never reaches Dask's workers, whose matmuls would each
+start a team of all cores (two workers on two cores then ran no faster than one). One thread per tile and
+one tile per core beats one tile at a time on all cores: the Zarr write (transpose, compression) is serial
+and a third of a tile's time, and a second tile computes while the first one writes (``bench/RESULTS.md``).
+``"sync"``: one thread, for debugging. ``"ray"``: the same graph run by :func:`ray.util.dask.ray_dask_get` on
+the Ray cluster that ``ray.init`` connects to (``RAY_ADDRESS``, or a local one), one CPU and one torch thread
+per tile task, inputs put once into Ray's object store, progress from ``ray.wait`` on the tiles' object
+refs; the store must then be reachable from every node (a shared file system or an object-store URL). Any
+Dask ``get`` callable also works. ``ray.util.dask`` (Ray 2.60) refuses Dask older than 2024.11.0 at import;
+tested here with Dask 2026.8.0 (its dataframe shuffle optimisation only supports Dask < 2025.1, unused here).
 
 **Readers.** :func:`open_gram` returns a lazy ``dask.array`` (chunks = tiles) after checking the Gram is
 complete. Without this package: ``zarr.open_array("grams.zarr", path="ntk", mode="r")[i0:i1, j0:j1]`` reads
@@ -73,8 +81,9 @@ with per-row vectors ``u = sqrt(w^2/2) sqrt(K11/K11')`` and ``p = 1/sqrt(K11')``
 ``w^2 = 2, b = 0``), and finally ``Theta = t sqrt(K11 K22)``. After the input-Gram matmul everything is one
 elementwise loop per tile, which ``torch.compile`` (inductor, C++/OpenMP) fuses into a single pass; the eager
 version of the same formula is the fallback. Diagonal entries of diagonal tiles are pinned to ``c = 1``.
-Error in float32 against the float64 :func:`kernels.analytic.mlp_kernels`: see ``bench/RESULTS.md``
-(about 3e-7 of the largest entry on MNIST, depth 3).
+Error in float32 against the float64 :func:`kernels.analytic.mlp_kernels` (MNIST, depth 3, 2048-row tiles):
+at most 4e-7 of the largest entry and 1.4e-6 relative to each entry, diagonal included; the generic
+float32 recursion loses 5e-4 on the diagonal, where ``atan2(sqrt(k11 k22 - k12^2), k12)`` cancels.
 """
 
 from __future__ import annotations
