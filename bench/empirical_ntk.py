@@ -6,16 +6,18 @@
 
 Network: ``MLP(784, width, depth=3, K)``, ReLU, NTK parameterisation, float32; inputs ``(N, 784)``;
 ``empirical_ntk(model, x)`` (symmetric, ``trace=True``). Every (case, method) runs in its own subprocess
-(except with ``--quick``) so that its peak memory can be read: on the CPU the high-water RSS
-(``getrusage(...).ru_maxrss``) minus the RSS just before the timed calls, on a GPU
+(except with ``--quick``), so that allocator state does not carry over, and its peak memory is read: on
+the CPU the high-water RSS minus the RSS just before the timed calls (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``; elsewhere ``getrusage(...).ru_maxrss``, which cannot be reset), on a GPU
 ``torch.cuda.max_memory_allocated`` minus the allocation before. Times are medians over >= 3 repeats
 (cheap cases: until 2 s are timed) after a small warm-up call (N = 8).
 
 The generic methods are calibrated on small problems (the smallest width, N doubling from 100 until two
 successive runs take 0.3 s), their cost modelled as
 ``a * N K P * recompute + b * N^2 K P * blocks_formed`` (Jacobian/cotangent work, then contraction or
-push-forward), and a combination estimated to take longer than ``--max-case-s`` is skipped, except
-``jacobian`` at width 2048, N = 500, K = 1, which always runs (the issue's headline comparison).
+push-forward), and a combination estimated to take longer than ``--max-case-s`` (60 s), or to end the
+whole run after ``--time-budget-s`` (540 s), is skipped, except ``jacobian`` at width 2048, N = 500, K = 1,
+which always runs (the issue's headline comparison).
 
 The structured path's FLOPs are counted analytically (forward, back-propagation and Gram matmuls, as
 performed: full N x N Grams) and reported as GFLOP/s next to the float32 ``torch.mm`` rate measured in
@@ -92,13 +94,40 @@ def matmul_gflops(device: torch.device, size: int, repeats: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def rss_bytes() -> int:
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's RSS high-water mark where Linux allows it; return the current RSS in bytes.
+
+    ``getrusage().ru_maxrss`` cannot be reset and survives ``exec`` (a fresh subprocess starts with its
+    parent's high-water mark), so on Linux the peak is read from ``VmHWM``, which ``/proc/self/clear_refs``
+    resets to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    rss = _proc_status_kb("VmRSS")
+    if rss is not None:
+        return rss * 1024
     import psutil
 
     return psutil.Process().memory_info().rss
 
 
-def maxrss_bytes() -> int:
+def peak_rss() -> int:
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -120,7 +149,7 @@ def time_case(method: str, width: int, n: int, k: int, repeats: int, device: tor
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = rss_bytes()
+        base = reset_peak_rss()
     times: list[float] = []
     while len(times) < repeats or (sum(times) < min_total_s and len(times) < 25):
         sync(device)
@@ -129,7 +158,7 @@ def time_case(method: str, width: int, n: int, k: int, repeats: int, device: tor
         sync(device)
         times.append(time.perf_counter() - t0)
         del out
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else maxrss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     return dict(times=times, median=statistics.median(times), peak_mb=max(0, peak - base) / 2**20)
 
 
@@ -143,7 +172,7 @@ def run_worker(method: str, width: int, n: int, k: int, repeats: int, device: st
     """``time_case`` in a fresh subprocess (for its peak memory), or here when ``in_process``."""
     if in_process:
         result = time_case(method, width, n, k, repeats, torch.device(device))
-        if device == "cpu":  # ru_maxrss is a process-wide high-water mark: meaningless in-process
+        if device == "cpu" and _proc_status_kb("VmHWM") is None:  # ru_maxrss cannot be reset in-process
             result.pop("peak_mb")
         return result
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--width", str(width), "--n", str(n),
@@ -236,6 +265,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--max-case-s", type=float, default=60.0,
                         help="skip generic runs estimated to take longer than this (seconds)")
+    parser.add_argument("--time-budget-s", type=float, default=540.0,
+                        help="skip optional generic runs that would end the benchmark after this (seconds)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -260,7 +291,7 @@ def main() -> None:
     print(f"MLP(784, width, depth={DEPTH}, K), ReLU, NTK parameterisation, float32; symmetric, trace=True\n")
 
     coef = {m: calibrate(m, args.device, grid["widths"][0]) for m in GENERIC}
-    in_process = args.quick  # quick: no subprocesses (no CPU peak memory either)
+    in_process = args.quick  # quick: no subprocesses
 
     rows = []
     header = ("| width | N | K | P | structured s | GFLOP | GFLOP/s | floor x | jacobian s | speed-up "
@@ -282,6 +313,10 @@ def main() -> None:
                         row[method] = dict(skipped=f"est. {est:.0f}s")
                         continue
                     repeats = 3 if 3 * est <= args.max_case_s else 1
+                    elapsed = time.perf_counter() - started
+                    if not must and elapsed + repeats * est > args.time_budget_s:
+                        row[method] = dict(skipped=f"time budget (est. {est:.0f}s)")
+                        continue
                     row[method] = run_worker(method, width, n, k, repeats, args.device,
                                              timeout=max(120.0, 4 * est * repeats), in_process=in_process)
                     row[method]["estimate"] = est

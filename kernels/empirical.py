@@ -31,7 +31,9 @@ activations and deltas, the Jacobian rows, the ``J^T v`` cotangents) for a panel
 columns at a time and writes that block of the kernel (:func:`plan_blocks`). ``chunk_size`` forces square
 blocks of that many inputs; by default everything is one block when all features fit in
 :data:`BLOCK_BYTES`, else row panels take about 3/4 of it and column chunks 1/4. Column features are kept
-between panels when all of them fit in :data:`CACHE_BYTES`, else recomputed for each panel. With
+between panels when all of them fit in :data:`CACHE_BYTES`, else recomputed for each panel. The generic
+methods first split the parameters into groups whose Jacobian over all inputs fits in the budget
+(``Theta = sum_g J_g J_g^T``), so only parameters too large for it need panels and recomputation. With
 ``x2=None`` (or ``x2 is x1``) the kernel is symmetric: one set of features is computed, only blocks on and
 above the diagonal are formed, and the result is symmetrised exactly.
 
@@ -376,22 +378,69 @@ def _generic(
 ) -> Tensor:
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    num_params = sum(p.numel() for p in params.values())
-    itemsize = a.element_size()
-
-    def batched(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(model, (p, buffers), (x,))
-        return out.reshape(x.shape[0], -1)
-
     with torch.no_grad():
-        K = batched(params, a[:1]).shape[1]
+        K = functional_call(model, (params, buffers), (a[:1],)).reshape(1, -1).shape[1]
+    # Theta = sum over parameter groups of J_g J_g^T. When the whole Jacobian of the inputs does not fit the
+    # budget, work group by group: a group whose Jacobian fits needs no recomputation at all, and a larger
+    # one recomputes only its own (smaller) rows.
+    n_feat = a.shape[0] if symmetric else a.shape[0] + b.shape[0]
+    groups = _param_groups(params, n_feat * K * a.element_size(), chunk_size)
+    out = None
+    for names in groups:
+        part = _generic_group(model, params, buffers, names, K, a, b, symmetric, trace, chunk_size, method)
+        out = part if out is None else out.add_(part)
+    return _symmetrise(out) if symmetric else out
+
+
+def _param_groups(
+    params: dict[str, Tensor], bytes_per_element: int, chunk_size: int | None
+) -> list[list[str]]:
+    """Consecutive parameters, grouped so that a group's Jacobian over all inputs fits in BLOCK_BYTES
+    (a parameter larger than that is a group of its own); one group when everything fits or when the
+    caller fixed ``chunk_size``."""
+    limit = BLOCK_BYTES // max(1, bytes_per_element)
+    if chunk_size is not None or sum(p.numel() for p in params.values()) <= limit:
+        return [list(params)]
+    groups: list[list[str]] = []
+    size = 0
+    for name, p in params.items():
+        if groups and size + p.numel() <= limit:
+            groups[-1].append(name)
+            size += p.numel()
+        else:
+            groups.append([name])
+            size = p.numel()
+    return groups
+
+
+def _generic_group(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    names: list[str],
+    K: int,
+    a: Tensor,
+    b: Tensor,
+    symmetric: bool,
+    trace: bool,
+    chunk_size: int | None,
+    method: str,
+) -> Tensor:
+    """``sum_{p in names} J_p(a) J_p(b)^T`` (traced mean or full), not yet symmetrised."""
+    group = {k: params[k] for k in names}
+    fixed = {k: v for k, v in params.items() if k not in group}
+    num_params = sum(p.numel() for p in group.values())
+    itemsize = a.element_size()
     plan = plan_blocks(
         a.shape[0], b.shape[0], K * num_params * itemsize, symmetric=symmetric, chunk_size=chunk_size,
         bytes_per_pair=2 * itemsize * K * K,
     )
 
+    def batched(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, ({**fixed, **p}, buffers), (x,)).reshape(x.shape[0], -1)
+
     def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, (p, buffers), (x[None],)).reshape(-1)
+        return functional_call(model, ({**fixed, **p}, buffers), (x[None],)).reshape(-1)
 
     if method == "jacobian":
         per_sample = vmap(jacrev(single), in_dims=(None, 0))  # name -> (m, K, *shape)
@@ -414,10 +463,10 @@ def _generic(
         """``[(n, K, numel) per parameter]``: d f_k(x_n) / d theta."""
         n = x.shape[0]
         if n <= sub:
-            return [j.reshape(n, K, -1) for j in per_sample(params, x).values()]
-        out = [x.new_empty((n, K, p.numel())) for p in params.values()]
+            return [j.reshape(n, K, -1) for j in per_sample(group, x).values()]
+        out = [x.new_empty((n, K, p.numel())) for p in group.values()]
         for lo, hi in _ranges(n, sub):
-            for buf, j in zip(out, per_sample(params, x[lo:hi]).values(), strict=True):
+            for buf, j in zip(out, per_sample(group, x[lo:hi]).values(), strict=True):
                 buf[lo:hi] = j.reshape(hi - lo, K, -1)
         return out
 
@@ -425,41 +474,39 @@ def _generic(
         def pair(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
             return _contract(j1, j2, trace)
 
-        out = _blocked(
+        return _blocked(
             a.shape[0], b.shape[0], plan, symmetric,
             lambda r0, r1: jacobian_rows(a[r0:r1]), lambda c0, c1: jacobian_rows(b[c0:c1]), pair,
             same_features=True,
         )
-    else:
-        def cotangents(x: Tensor) -> dict[str, Tensor]:
-            """Tangent directions ``J^T e_(m, k')`` as parameter-shaped ``(m*K, *shape)`` tensors."""
-            rows = jacobian_rows(x)
-            pairs = zip(params.items(), rows, strict=True)
-            return {name: j.reshape((-1,) + p.shape) for (name, p), j in pairs}
 
-        activations = _activation_size(model, a[:1], buffers, params)
+    def cotangents(x: Tensor) -> dict[str, Tensor]:
+        """Tangent directions ``J^T e_(m, k')`` as parameter-shaped ``(m*K, *shape)`` tensors."""
+        pairs = zip(group.items(), jacobian_rows(x), strict=True)
+        return {name: j.reshape((-1,) + p.shape) for (name, p), j in pairs}
 
-        def pair(x1c: Tensor, tangents: dict[str, Tensor]) -> Tensor:
-            n1, m = x1c.shape[0], next(iter(tangents.values())).shape[0]
+    activations = _activation_size(model, a[:1], buffers, params)
 
-            def push(t: dict[str, Tensor]) -> Tensor:
-                return jvp(lambda p: batched(p, x1c), (params,), (t,))[1]  # (n1, K)
+    def push_forward(x1c: Tensor, tangents: dict[str, Tensor]) -> Tensor:
+        n1, m = x1c.shape[0], next(iter(tangents.values())).shape[0]
 
-            per_tangent = 4 * itemsize * n1 * max(activations, 1)
-            batch = max(1, min(m, int(BLOCK_BYTES // 4 // per_tangent)))
-            # (m*K, n1, K): Theta[n, m, k, k'] sits at [(m, k'), n, k]
-            cols = vmap(push, chunk_size=batch)(tangents)
-            n2 = m // K
-            theta = cols.reshape(n2, K, n1, K).permute(2, 0, 3, 1)  # (n1, n2, K, K')
-            if trace:
-                return theta.diagonal(dim1=2, dim2=3).mean(dim=2)
-            return theta.contiguous()
+        def push(t: dict[str, Tensor]) -> Tensor:
+            return jvp(lambda p: batched(p, x1c), (group,), (t,))[1]  # (n1, K)
 
-        out = _blocked(
-            a.shape[0], b.shape[0], plan, symmetric,
-            lambda r0, r1: a[r0:r1], lambda c0, c1: cotangents(b[c0:c1]), pair, same_features=False,
-        )
-    return _symmetrise(out) if symmetric else out
+        per_tangent = 4 * itemsize * n1 * max(activations, 1)
+        batch = max(1, min(m, int(BLOCK_BYTES // 4 // per_tangent)))
+        # (m*K, n1, K): Theta[n, m, k, k'] sits at [(m, k'), n, k]
+        cols = vmap(push, chunk_size=batch)(tangents)
+        n2 = m // K
+        theta = cols.reshape(n2, K, n1, K).permute(2, 0, 3, 1)  # (n1, n2, K, K')
+        if trace:
+            return theta.diagonal(dim1=2, dim2=3).mean(dim=2)
+        return theta.contiguous()
+
+    return _blocked(
+        a.shape[0], b.shape[0], plan, symmetric,
+        lambda r0, r1: a[r0:r1], lambda c0, c1: cotangents(b[c0:c1]), push_forward, same_features=False,
+    )
 
 
 def _contract(j1: list[Tensor], j2: list[Tensor], trace: bool) -> Tensor:
