@@ -174,9 +174,27 @@ def _check_labels(labels: np.ndarray, path: Path) -> None:
         raise UserError(f"{path}: label {int(labels.max())} out of range 0..{NUM_CLASSES - 1}")
 
 
+def _refuse_other_idx_dataset(root: Path, name: str, paths: Sequence[Path]) -> None:
+    """MNIST and Fashion-MNIST share file names, so files found directly in ``root/`` could be either.
+    Gzipped files are told apart by their published MD5s; a file that is the *other* dataset's is refused."""
+    from pipeline.fetch import CHECKSUMS, md5sum  # fetch imports nothing from here
+
+    for path in paths:
+        if path.parent != root or path.suffix != ".gz":
+            continue
+        digest = md5sum(path)
+        for other, table in CHECKSUMS.items():
+            if other != name and table.get(path.name) == digest:
+                raise UserError(
+                    f"{path}: this is the {other} file, not {name} (they share file names); put each dataset "
+                    f"in its own folder, e.g. {root / name}/"
+                )
+
+
 def load_idx_dataset(root: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One split of an MNIST-style dataset: images ``(N, 28, 28) uint8``, labels ``(N,) int64`` in 0..9."""
     image_path, label_path = locate_idx(root, name, split)
+    _refuse_other_idx_dataset(root, name, (image_path, label_path))
     images = read_idx(image_path, _IDX_IMAGES_MAGIC)
     labels = read_idx(label_path, _IDX_LABELS_MAGIC)
     if images.shape[1:] != (28, 28):

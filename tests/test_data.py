@@ -112,6 +112,17 @@ def test_fashion_mnist_uses_its_own_folder(tmp_path):
     np.testing.assert_array_equal(x, arrays["train"][0])
 
 
+def test_flat_mnist_files_are_not_taken_for_fashion_mnist(tmp_path, real_data):
+    """Both datasets use the same file names; real MNIST archives laid out flat must not load as Fashion."""
+    for f in (real_data / "mnist").glob("t10k-*.gz"):
+        (tmp_path / f.name).symlink_to(f)
+    x, _ = load_dataset("mnist", tmp_path, "test")
+    assert x.shape == (10000, 28, 28)
+    with pytest.raises(UserError) as excinfo:
+        load_dataset("fashion_mnist", tmp_path, "test")
+    one_line_error(excinfo, "t10k-images-idx3-ubyte.gz", "the mnist file, not fashion_mnist")
+
+
 def test_missing_files_say_where_and_how(tmp_path):
     with pytest.raises(UserError) as excinfo:
         load_dataset("mnist", tmp_path, "train")
