@@ -27,6 +27,31 @@ def test_smooth_closed_forms_match_quadrature_to_1e6(name):
         np.testing.assert_allclose(by_quad[key], closed[key], rtol=1e-6, atol=1e-9 * scale)
 
 
+@pytest.mark.parametrize("name", ["erf", "gelu"])
+def test_quadrature_stays_accurate_at_large_variance(name):
+    """Inputs with |x|^2/d from 0.1 to ~400 (like the outlier rows of standardised MNIST): pre-activations
+    whose variance is far past where a fixed Gauss-Hermite rule resolves phi(sqrt(k) z); the graded rule
+    must still match the closed form to 1e-6 relative through a depth-2 recursion."""
+    act = get_activation(name)
+    x = _inputs(n=9, d=6, seed=3) * np.geomspace(0.3, 20.0, 9)[:, None]
+    closed = mlp_kernels(x, depth=2, activation=name, b_std=0.1)
+    by_quad = mlp_kernels(x, depth=2, activation=lambda z: act.fn(z), b_std=0.1)
+    for key in ("nngp", "ntk"):
+        np.testing.assert_allclose(by_quad[key], closed[key], rtol=1e-6, atol=1e-9 * np.abs(closed[key]).max())
+
+
+@pytest.mark.parametrize("rule", ["hermite", "graded"])
+@pytest.mark.parametrize("variance", [0.3, 2.0])
+def test_both_quadrature_rules_agree_where_hermite_is_exact(rule, variance):
+    act = get_activation("erf")
+    k11 = torch.full((5,), variance, dtype=torch.float64)
+    k12 = variance * torch.tensor([-1.0, -0.3, 0.0, 0.7, 1.0], dtype=torch.float64)
+    t, tdot = act.dual(k11, k11, k12)
+    tq, tdq = gaussian_expectations(act.fn, act.deriv, k11, k11, k12, rule=rule)
+    torch.testing.assert_close(tq, t, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(tdq, tdot, rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["relu", "abs", "leaky_relu:0.2", "abrelu:-0.5,2"])
 def test_kinked_closed_forms_match_dense_quadrature(name):
     """Quadrature converges only algebraically across a kink (about 1e-3 relative at 96 points for
