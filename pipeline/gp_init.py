@@ -8,7 +8,9 @@ seed and width) and width, with ``S`` distinct seeds that stored their outputs a
 * ``nngp_cov_rel_err = |C - K|_F / |K|_F`` with ``C = (1/M) sum f f^T`` (the mean is known to be 0);
 * ``nngp_cov_rel_err_floor = sqrt((|K|_F^2 + tr(K)^2) / M) / |K|_F``: the error a true GP would give
   from M samples (Wishart: ``E|C - K|_F^2 = (|K|_F^2 + tr(K)^2)/M``). An error near the floor means
-  the seeds cannot resolve the finite-width bias; well above it, the bias (O(1/width)) dominates;
+  the seeds cannot resolve finite-width effects; well above it they show: non-Gaussian outputs (excess
+  kurtosis ~1/width widens the spread of ``C`` past the Gaussian floor) and, from two hidden layers on,
+  an O(1/width) bias of ``E[f f^T]`` (at one hidden layer it equals the NNGP at every width);
 * ``ks_stat``: Kolmogorov-Smirnov distance of the standardised marginals ``f(x)/sqrt(K(x, x))``,
   pooled over points, seeds and outputs, from ``N(0, 1)``, with its p-value (pooled values from one
   network are correlated, so read the p-value as descriptive); ``ks_stat_floor``: the median KS
@@ -16,7 +18,7 @@ seed and width) and width, with ``S`` distinct seeds that stored their outputs a
   seeded): what a true GP gives with this many seeds and these correlations;
 * ``seeds_by_count`` / ``nngp_cov_rel_err_by_seeds`` / ``nngp_cov_rel_err_floor_by_seeds``: the same
   error from the first 2, 4, 8, ... seeds (in seed order) and from all ``S``: how it shrinks with the
-  seed count (toward the floor, ``~ S^-1/2``, until the finite-width bias is reached).
+  seed count (toward the floor, ``~ S^-1/2``, until finite-width effects are reached).
 
 The analytic NNGP is recomputed on the test points (it depends on the inputs and the architecture
 only, not on the width). Groups whose data cannot be loaded here are skipped and named in the table's
