@@ -49,7 +49,7 @@ MAX_FULL_NTK = 4096  # n_train * K up to which the (nK x nK) empirical-NTK close
 SCALAR_METRICS = (
     "train_loss", "test_loss", "train_acc", "test_acc",
     "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
-    "ntk_test_acc", "nngp_test_acc", "ntk_test_loss", "nngp_test_loss",
+    "ntk_test_acc", "nngp_test_acc", "ntk_test_loss", "nngp_test_loss", "ntk_own_test_acc", "ntk_own_test_loss",
     "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "weight_distance",
     "rmse_nn_lin_test", "agree_nn_lin_test", "rmse_nn_ntk_test", "rmse_nn_ntk_mean_test", "lin_closed_form_rel_err",
     "relu_flip_frac", "lr", "lr_critical", "diverged_step",
@@ -514,6 +514,13 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
         pred = _kernel_regression(analytic[name], n, y_tr)
         m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
         m[f"{name}_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+    # The same t = infinity limit from this network's own random f0 (Lee et al. 2019, eq. 16): what one
+    # infinitely wide network trained to convergence predicts. The mean predictor above drops the variance
+    # that f0 carries into every prediction, so only this one is a network's limit.
+    f0_tr_own, f0_te_own = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
+    pred = f0_te_own + _kernel_regression(analytic["ntk"], n, y_tr - f0_tr_own)
+    m["ntk_own_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
+    m["ntk_own_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
 
     curve = res.curves
     if diverged_at is not None:
@@ -539,8 +546,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
         f_ntk = shared.get("f_ntk")
         if f_ntk is None:
             f_ntk = gd_closed_form(theta[:n, :n], theta[n:, :n], -y_tr, lr / n, steps)
-        f0_tr_s, f0_te_s = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
-        f_ntk_own = f0_te_s + f_ntk + gd_closed_form(theta[:n, :n], theta[n:, :n], f0_tr_s, lr / n, steps)
+        f_ntk_own = f0_te_own + f_ntk + gd_closed_form(theta[:n, :n], theta[n:, :n], f0_tr_own, lr / n, steps)
         m["rmse_nn_ntk_mean_test"] = float(np.sqrt(np.mean((nn_te - f_ntk) ** 2)))
         m["rmse_nn_ntk_test"] = float(np.sqrt(np.mean((nn_te - f_ntk_own) ** 2)))
         if blocks is not None:

@@ -69,6 +69,32 @@ def test_result_has_every_measurement_and_curves():
     assert row["run_id"] == res.config.run_id and len(row["run_id"]) == 16
 
 
+def test_own_f0_kernel_regression_is_recomputed_independently():
+    """ntk_own_test_*: f0(x_te) + Theta_te,tr Theta_tr^-1 (y - f0(x_tr)) from the run's own network at init,
+    here rebuilt from the config with MLP + mlp_kernels and a direct solve (Lee et al. 2019, eq. 16)."""
+    from kernels.analytic import mlp_kernels
+    from kernels.mlp import MLP
+
+    c = cfg(dtype="float64", steps=5, seed=3, b_std=0.2)
+    res = train_run(c)
+    assert res.status == "ok", res.error
+    sub = load_subset(c)
+    x_tr, x_te = (torch.as_tensor(a, dtype=torch.float64) for a in (sub.x_train, sub.x_test))
+    net = MLP(x_tr.shape[1], c.width, c.depth, sub.y_train.shape[1], c.activation, c.w_std, c.b_std,
+              c.parameterization, seed=c.seed, dtype=torch.float64)
+    with torch.no_grad():
+        f0_tr, f0_te = net(x_tr).numpy(), net(x_te).numpy()
+    theta = mlp_kernels(np.concatenate([sub.x_train, sub.x_test]).astype(np.float64), depth=c.depth,
+                        activation=c.activation, w_std=c.w_std, b_std=c.b_std, get=("ntk",))["ntk"]
+    n = len(x_tr)
+    pred = f0_te + theta[n:, :n] @ np.linalg.solve(theta[:n, :n], sub.y_train - f0_tr)
+    loss = 0.5 * ((pred - sub.y_test) ** 2).sum(-1).mean()
+    assert res.metrics["ntk_own_test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert res.metrics["ntk_own_test_acc"] == pytest.approx(float((pred.argmax(1) == sub.labels_test).mean()))
+    # The random f0 adds variance: this limit is not the mean predictor's.
+    assert abs(res.metrics["ntk_own_test_loss"] - res.metrics["ntk_test_loss"]) > 1e-3
+
+
 def test_deterministic_for_a_seed_and_seeds_differ():
     a, b, c = train_run(cfg(seed=3)), train_run(cfg(seed=3)), train_run(cfg(seed=4))
     assert a.metrics["test_loss"] == b.metrics["test_loss"]
