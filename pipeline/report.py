@@ -933,12 +933,12 @@ def _plot_double_descent(bw, g: Group, w_star: float | None, path: Path) -> bool
         (axes[0], "loss", (("test_loss", "network, test", "-", "o", "C0"), ("train_loss", "network, train", "--", "s",
                                                                              "C0")),
          (("ntk_test_loss", "analytic NTK regression, test", "-.", "C2"),
-          ("ntk_own_test_loss", "analytic NTK from the nets' own $f_0$, test", (0, (5, 2, 1, 2)), "C3"),
+          ("ntk_own_test_loss", "analytic NTK from the nets' own $f_0$, test", (0, (5, 2, 1, 2)), "C1"),
           ("nngp_test_loss", "analytic NNGP regression, test", ":", "C4"))),
         (axes[1], "accuracy", (("test_acc", "network, test", "-", "o", "C0"), ("train_acc", "network, train", "--", "s",
                                                                               "C0")),
          (("ntk_test_acc", "analytic NTK regression, test", "-.", "C2"),
-          ("ntk_own_test_acc", "analytic NTK from the nets' own $f_0$, test", (0, (5, 2, 1, 2)), "C3"),
+          ("ntk_own_test_acc", "analytic NTK from the nets' own $f_0$, test", (0, (5, 2, 1, 2)), "C1"),
           ("nngp_test_acc", "analytic NNGP regression, test", ":", "C4"))),
     )
     for ax, metric, network, kernels in panels:
