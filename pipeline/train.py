@@ -485,6 +485,33 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     ntk0, blocks = init["ntk0"], init["blocks"]
     res.ntk_init = ntk0.astype(np.float32)
     m["kernel_rel_dev_init"] = float(np.linalg.norm(ntk0 - theta) / np.linalg.norm(theta))
+    if n <= MAX_EIGH:
+        for key, value in zip(SPECTRUM_KEYS, spectrum_stats(ntk0[:n, :n]), strict=True):
+            m[f"{key}_init"] = value
+
+    # Analytic kernel regression at t = infinity (mean predictor, f0 = 0).
+    y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
+    for name in ("ntk", "nngp"):
+        pred = _kernel_regression(analytic[name], n, y_tr)
+        m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
+        m[f"{name}_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+    # The same t = infinity limit from this network's own random f0 (Lee et al. 2019, eq. 16): what one
+    # infinitely wide network trained to convergence predicts. The mean predictor above drops the variance
+    # that f0 carries into every prediction, so only this one is a network's limit.
+    f0_tr_own, f0_te_own = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
+    pred = f0_te_own + _kernel_regression(analytic["ntk"], n, y_tr - f0_tr_own)
+    m["ntk_own_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
+    m["ntk_own_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+
+    if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in model_t.parameters()):
+        diverged_at = steps  # blew up after the last logged step
+    if diverged_at is not None:
+        # Only what the initial state and the kernels determine; the final weights are not finite.
+        res.status = "diverged"
+        m["diverged_step"] = float(diverged_at)
+        res.error = f"loss exploded or became non-finite by step {diverged_at} (lr={lr:.4g})"
+        res.metrics.update(m)
+        return
     kinked = model0.activation.piecewise_linear and model0.activation.name != "identity"
     m["relu_flip_frac"] = _flip_fraction(model0, model_t, x_tr) if kinked else math.nan
 
@@ -503,32 +530,10 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     res.ntk_final = ntk_t.astype(np.float32)
     m["kernel_rel_change"] = float(np.linalg.norm(ntk_t - ntk0) / np.linalg.norm(ntk0))
     if n <= MAX_EIGH:
-        for when, kernel in (("init", ntk0), ("final", ntk_t)):
-            stats = spectrum_stats(kernel[:n, :n])
-            for key, value in zip(SPECTRUM_KEYS, stats, strict=True):
-                m[f"{key}_{when}"] = value
-
-    # Analytic kernel regression at t = infinity (mean predictor, f0 = 0).
-    y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
-    for name in ("ntk", "nngp"):
-        pred = _kernel_regression(analytic[name], n, y_tr)
-        m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
-        m[f"{name}_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
-    # The same t = infinity limit from this network's own random f0 (Lee et al. 2019, eq. 16): what one
-    # infinitely wide network trained to convergence predicts. The mean predictor above drops the variance
-    # that f0 carries into every prediction, so only this one is a network's limit.
-    f0_tr_own, f0_te_own = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
-    pred = f0_te_own + _kernel_regression(analytic["ntk"], n, y_tr - f0_tr_own)
-    m["ntk_own_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
-    m["ntk_own_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+        for key, value in zip(SPECTRUM_KEYS, spectrum_stats(ntk_t[:n, :n]), strict=True):
+            m[f"{key}_final"] = value
 
     curve = res.curves
-    if diverged_at is not None:
-        res.status = "diverged"
-        m["diverged_step"] = float(diverged_at)
-        res.error = f"loss exploded or became non-finite by step {diverged_at} (lr={lr:.4g})"
-        res.metrics.update(m)
-        return
     for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lin_train_loss", "lin_test_loss",
                 "lin_train_acc", "lin_test_acc"):
         m[key] = curve[key][-1]

@@ -154,6 +154,20 @@ def test_learning_rate_scale_below_one_never_diverges_above_diverges():
     assert math.isnan(res.metrics["test_loss"])
 
 
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_divergence_between_sparse_log_points_is_diverged_not_failed(seeds):
+    """lr far above critical with few logged steps: the weights are inf/NaN long before the next log point.
+    The run must still end "diverged" with what the initial state determines (the init kernel, its
+    spectrum, kernel regression), not "failed" on a NaN kernel."""
+    configs = [cfg(width=16, lr_scale=4.0, steps=1000, log_points=5, seed=s) for s in range(seeds)]
+    for res in train_runs(configs):
+        assert res.status == "diverged", res.error
+        assert "exploded" in res.error
+        assert math.isfinite(res.metrics["kernel_rel_dev_init"]) and math.isfinite(res.metrics["ntk_cond_init"])
+        assert math.isfinite(res.metrics["ntk_test_acc"]) and math.isfinite(res.metrics["ntk_own_test_loss"])
+        assert res.ntk_init is not None and res.ntk_final is None and len(res.curves["step"]) >= 1
+
+
 def test_critical_rate_is_two_n_over_lambda_max():
     config = cfg()
     subset = load_subset(config)
