@@ -30,9 +30,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.runner import submit_sweep
+    from pipeline.runner import remote_results_dir, submit_sweep
 
-    job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir, python=args.python)
+    job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir, python=args.python,
+                          remote_root=args.remote_root)
+    print(f"results on the head node: {remote_results_dir(args.out, args.remote_root)}", file=sys.stderr)
     print(job_id)
     return 0
 
@@ -69,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray Job")
     submit.add_argument("job")
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
-    submit.add_argument("--out", default="results", help="results directory on the cluster's head node")
+    submit.add_argument("--out", default="results", help="results directory on the cluster's head node; a relative "
+                        "path is taken under --remote-root")
+    submit.add_argument("--remote-root", default="~/ntk-sweep",
+                        help="head-node folder for a relative --out (default ~/ntk-sweep, where cluster.yaml "
+                             "mounts the project)")
     submit.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
     submit.add_argument("--python", default="python", help="the cluster's interpreter (default: python on its PATH)")
     submit.set_defaults(func=_cmd_submit)

@@ -20,6 +20,7 @@ for any Ray client (``RAY_AUTH_TOKEN`` or ``ray get-auth-token``), see cluster.y
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -234,21 +235,40 @@ def _jobs_client(address: str):
         raise UserError(f"{address}: cannot reach the Ray Jobs API: {first}") from None
 
 
+def remote_results_dir(out: str, remote_root: str = "~/ntk-sweep") -> str:
+    """Where ``--out`` lands on the head node: an absolute path as given, a relative one under
+    ``remote_root`` (cluster.yaml mounts the project at ``~/ntk-sweep``). Never relative to the job's
+    working directory, which is a temporary copy that Ray deletes."""
+    return out if out.startswith(("/", "~")) else f"{remote_root.rstrip('/')}/{out}"
+
+
+def _shell_path(path: str) -> str:
+    """A path for the entrypoint's shell: quoted, with a leading ``~/`` left to expand to $HOME."""
+    return '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
 def submit_sweep(job: str | Path, out: str, address: str, working_dir: str | Path = ".",
-                 python: str = "python") -> str:
+                 python: str = "python", remote_root: str = "~/ntk-sweep") -> str:
     """Submit ``ntk-sweep run JOB --out OUT --address auto`` as a Ray Job; returns the job id.
 
     The entrypoint runs on the head node with ``python`` as found on the PATH that Ray was started
     with (cluster.yaml activates the project's venv first), or the interpreter given; it must have
-    this project installed. ``working_dir`` ships the job file and the code.
+    this project installed. ``working_dir`` ships the job file and the code. The results go to
+    :func:`remote_results_dir` on the head node.
     """
     load_sweep(job)  # fail here, not on the cluster
     client = _jobs_client(address)
     job_path = Path(job)
-    rel = job_path.resolve().relative_to(Path(working_dir).resolve()) if job_path.is_absolute() else job_path
+    try:
+        rel = job_path.resolve().relative_to(Path(working_dir).resolve()) if job_path.is_absolute() else job_path
+    except ValueError:
+        raise UserError(f"{job}: the job file must be inside --working-dir {working_dir} (it is shipped from "
+                        "there)") from None
+    dest = _shell_path(remote_results_dir(out, remote_root))
     try:
         return client.submit_job(
-            entrypoint=f"{python} -m pipeline.cli run {rel} --out {out} --address auto",
+            entrypoint=f"{shlex.quote(python)} -m pipeline.cli run {shlex.quote(str(rel))} --out {dest} "
+                       "--address auto",
             runtime_env={"working_dir": str(working_dir), "excludes": [".venv", ".git", "results", "*.zarr"]},
         )
     except RuntimeError as exc:

@@ -216,10 +216,14 @@ def test_submit_runs_the_sweep_as_a_ray_job_and_status_follows_it(tmp_path, ray_
     (work / "jobs").mkdir(parents=True)
     write_job(work / "jobs", {**TINY, "name": "submitted", "widths": [16], "seeds": 2, "kernels": {"store": "none"}},
               "tiny.yaml")
-    out = tmp_path / "results"
-    submitted = subprocess.run(_ntk_sweep("submit", "jobs/tiny.yaml", "--address", ray_head, "--out", str(out)),
+    # A relative --out lands under --remote-root on the head node, not in Ray's temporary working-dir copy.
+    remote = tmp_path / "head home"
+    out = remote / "results" / "tiny"
+    submitted = subprocess.run(_ntk_sweep("submit", "jobs/tiny.yaml", "--address", ray_head, "--out", "results/tiny",
+                                          "--remote-root", str(remote)),
                                cwd=work, capture_output=True, text=True, timeout=180)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert f"results on the head node: {out}" in submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     assert job_id.startswith("raysubmit_")
     deadline, line = time.time() + 300, ""
