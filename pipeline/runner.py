@@ -107,7 +107,17 @@ def _analytic_task(config: RunConfig, subset, num_cpus: float) -> dict:
     return analytic_kernels(config, subset)
 
 
+def _use_auth_token_if_present() -> None:
+    """Clients of a token-authenticated cluster need ``RAY_AUTH_MODE=token`` before ray is first imported;
+    set it when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    if address:
+        _use_auth_token_if_present()
     import ray
 
     if ray.is_initialized():
@@ -221,9 +231,7 @@ def run_sweep(
 def _jobs_client(address: str):
     r"""A Ray Jobs client; uses the cluster's auth token when one is available (``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Failures become one-line :class:`UserError`\s."""
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read once, when ray is first imported
+    _use_auth_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     try:

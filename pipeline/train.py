@@ -128,8 +128,9 @@ def train_runs(
     if len({c.shape_key() for c in configs}) != 1:
         raise ValueError("train_runs packs runs that differ only in seed")
     start = time.perf_counter()
-    device = resolve_device(configs[0].device)
+    device = torch.device("cpu")
     try:
+        device = resolve_device(configs[0].device)  # inside: "cuda" on a node without one is a failed run
         results = _train_pack(configs, device, subset, analytic)
     except Exception as exc:  # noqa: BLE001 - a run records its failure, the sweep goes on
         message = f"{type(exc).__name__}: {exc}"

@@ -179,6 +179,9 @@ def test_failures_are_recorded_not_raised():
     res = train_run(cfg(dataset="mnist", data_dir="/nonexistent/ntk-data"))
     assert res.status == "failed"
     assert "mnist" in res.error
+    if not torch.cuda.is_available():  # a GPU run landing on a CPU-only node is a recorded failure too
+        res = train_run(cfg(device="cuda"))
+        assert res.status == "failed" and "no CUDA device" in res.error
 
 
 def test_bad_configs_name_the_field():
