@@ -132,7 +132,8 @@ class Sweep(_Strict):
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     def expand(self, data_dir: str | None = None) -> list[RunConfig]:
-        """Every run of the sweep, in a stable order (dataset, n_train, architecture, depth, width, seed)."""
+        """Every run of the sweep, in a stable order (dataset, n_train, architecture, depth, width, seed),
+        each once: a value listed twice (``widths: [16, 16]``) or overlapping entries give one run."""
         opt = self.optimizer
         runs = []
         for ds, arch in itertools.product(self.datasets, self.architectures):
@@ -146,7 +147,10 @@ class Sweep(_Strict):
                     batch_size=opt.batch_size, lr=opt.lr, lr_scale=opt.lr_scale, steps=opt.steps,
                     log_points=opt.log_points, dtype=opt.dtype, device=self.device,
                 ))
-        return runs
+        unique: dict[str, RunConfig] = {}
+        for run in runs:
+            unique.setdefault(run.run_id, run)
+        return list(unique.values())
 
 
 def _field_path(loc: tuple) -> str:

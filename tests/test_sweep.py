@@ -91,6 +91,11 @@ def test_run_ids_are_stable_across_sweeps_and_packing_groups_seeds():
     assert sorted(len(p) for p in packs) == [1] * 6 + [3, 3]
 
 
+def test_a_value_listed_twice_is_one_run():
+    runs = parse_sweep({**TINY, "widths": [16, 32, 16], "seeds": 2}).expand()
+    assert [(r.width, r.seed) for r in runs] == [(16, 0), (16, 1), (32, 0), (32, 1)]
+
+
 def _ntk_sweep(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
