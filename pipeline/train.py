@@ -457,18 +457,18 @@ def gd_closed_form(theta_tr: np.ndarray, theta_te_tr: np.ndarray, r0: np.ndarray
 
 def _init_kernels(model: MLP, x_tr: Tensor, x_te: Tensor) -> dict[str, Any]:
     """Empirical NTK at init over ``train ++ test``: traced ``(N, N)`` float64, the full
-    ``(N, N, K, K)`` blocks when ``n K <= MAX_FULL_NTK`` (else None), and the top eigenvalue of the
-    full training-set NTK (exact from the blocks, else by power iteration)."""
+    ``(N, n, K, K)`` blocks against the n training points when ``n K <= MAX_FULL_NTK`` (else None; the
+    closed form needs no test-test blocks, which would grow as n_test^2 K^2), and the top eigenvalue of
+    the full training-set NTK (exact from the blocks, else by power iteration)."""
     n, k_out = len(x_tr), model.config["out_dim"]
     x_all = torch.cat([x_tr, x_te])
+    ntk0 = empirical_ntk(model, x_all).double().cpu().numpy()
     if n * k_out <= MAX_FULL_NTK:
-        blocks = empirical_ntk(model, x_all, trace=False).double().cpu().numpy()
-        ntk0 = np.einsum("ijkk->ij", blocks) / k_out
-        train_block = blocks[:n, :n].transpose(0, 2, 1, 3).reshape(n * k_out, n * k_out)
+        blocks = empirical_ntk(model, x_all, x_tr, trace=False).double().cpu().numpy()
+        train_block = blocks[:n].transpose(0, 2, 1, 3).reshape(n * k_out, n * k_out)
         lam_max = top_eigenvalue(train_block)
     else:
         blocks = None
-        ntk0 = empirical_ntk(model, x_all).double().cpu().numpy()
         lam_max = top_ntk_eigenvalue(model, x_tr)
     return {"ntk0": ntk0, "blocks": blocks, "lam_max": lam_max}
 
@@ -557,7 +557,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
         m["rmse_nn_ntk_test"] = float(np.sqrt(np.mean((nn_te - f_ntk_own) ** 2)))
         if blocks is not None:
             # The network's own empirical NTK: predicts the trained linear model exactly.
-            big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, len(x_all) * k_out)
+            big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, n * k_out)
             nk = n * k_out
             r0 = (f0_tr[s].double().cpu().numpy() - y_tr).reshape(-1)
             change = gd_closed_form(big[:nk, :nk], big[nk:, :nk], r0, lr / n, steps)
