@@ -405,7 +405,7 @@ def _accuracy(pred: Tensor, labels: np.ndarray) -> float:
     return float((cls == lab).double().mean())
 
 
-def _mse(pred: Tensor, y: Tensor) -> float:
+def _mse(pred: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
     return float(0.5 * ((pred - y) ** 2).sum(-1).mean())
 
 
@@ -490,19 +490,18 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
         for key, value in zip(SPECTRUM_KEYS, spectrum_stats(ntk0[:n, :n]), strict=True):
             m[f"{key}_init"] = value
 
-    # Analytic kernel regression at t = infinity (mean predictor, f0 = 0).
+    # Analytic kernel regression at t = infinity: the mean predictor (f0 = 0) of the NTK and the NNGP, and
+    # the NTK limit from this network's own random f0 (Lee et al. 2019, eq. 16), which is what one
+    # infinitely wide network trained to convergence predicts. The mean predictor drops the variance that
+    # f0 carries into every prediction, so only ntk_own is a network's limit. One NTK solve serves both.
     y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
-    for name in ("ntk", "nngp"):
-        pred = _kernel_regression(analytic[name], n, y_tr)
-        m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
-        m[f"{name}_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
-    # The same t = infinity limit from this network's own random f0 (Lee et al. 2019, eq. 16): what one
-    # infinitely wide network trained to convergence predicts. The mean predictor above drops the variance
-    # that f0 carries into every prediction, so only this one is a network's limit.
     f0_tr_own, f0_te_own = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
-    pred = f0_te_own + _kernel_regression(analytic["ntk"], n, y_tr - f0_tr_own)
-    m["ntk_own_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
-    m["ntk_own_test_loss"] = float(0.5 * ((pred - y_te) ** 2).sum(-1).mean())
+    ntk_mean, ntk_own = np.split(_kernel_regression(theta, n, np.hstack([y_tr, y_tr - f0_tr_own])), 2, axis=1)
+    preds_inf = {"ntk": ntk_mean, "nngp": _kernel_regression(analytic["nngp"], n, y_tr),
+                 "ntk_own": f0_te_own + ntk_own}
+    for name, pred in preds_inf.items():
+        m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
+        m[f"{name}_test_loss"] = _mse(pred, y_te)
 
     if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in model_t.parameters()):
         diverged_at = steps  # blew up after the last logged step
@@ -559,7 +558,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
             # The network's own empirical NTK: predicts the trained linear model exactly.
             big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, n * k_out)
             nk = n * k_out
-            r0 = (f0_tr[s].double().cpu().numpy() - y_tr).reshape(-1)
+            r0 = (f0_tr_own - y_tr).reshape(-1)
             change = gd_closed_form(big[:nk, :nk], big[nk:, :nk], r0, lr / n, steps)
             lin_pred = f0_te[s].double().cpu().numpy() + change.reshape(-1, k_out)
             m["lin_closed_form_rel_err"] = float(np.linalg.norm(lin_pred - lin_te) / np.linalg.norm(lin_te))
