@@ -124,23 +124,36 @@ def _graded_rule(levels: int, reach: float, per_panel: int = 6) -> tuple[np.ndar
     return np.concatenate([-t[::-1], t]), np.concatenate([ww[::-1], ww])
 
 
-def _hermite_sums(fn, deriv, s11: Tensor, s22: Tensor, corr: Tensor, points: int, chunk_elems: int):
-    """The tensor Gauss-Hermite rule on flat ``(m,)`` standard deviations and correlations."""
-    dtype, device = corr.dtype, corr.device
-    nodes_np, weights_np = _hermite_rule(points)
-    z = torch.as_tensor(nodes_np, dtype=dtype, device=device)
-    w = torch.as_tensor(weights_np, dtype=dtype, device=device)
-    ww = w[:, None] * w[None, :]
+NodeFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _node_sums(fn, deriv, s11: Tensor, s22: Tensor, corr: Tensor, nodes: NodeFn, per_entry: int,
+               chunk_elems: int) -> tuple[Tensor, Tensor]:
+    """``(sum w phi(u) phi(v), sum w phi'(u) phi'(v))`` per entry of flat ``(m,)`` standard deviations and
+    correlations, chunked so about ``chunk_elems`` function values are live. ``nodes(a, b, c, s)`` gives
+    broadcastable ``(u, v, w)`` for a chunk's ``(m, 1, 1)`` parameters (``s = sqrt(1 - c^2)``);
+    ``per_entry`` is the number of nodes per entry."""
     out_t, out_d = torch.empty_like(corr), torch.empty_like(corr)
-    step = max(1, chunk_elems // (points * points))
+    step = max(1, chunk_elems // per_entry)
     for lo in range(0, corr.numel(), step):
         a, b, c = (t[lo : lo + step, None, None] for t in (s11, s22, corr))
-        s = torch.sqrt(torch.clamp(1 - c * c, min=0))
-        u = a * z[None, :, None]  # (m, p, 1)
-        v = b * (c * z[None, :, None] + s * z[None, None, :])  # (m, p, p)
-        out_t[lo : lo + step] = (fn(u) * fn(v) * ww).sum(dim=(1, 2))
-        out_d[lo : lo + step] = (deriv(u) * deriv(v) * ww).sum(dim=(1, 2))
+        u, v, w = nodes(a, b, c, torch.sqrt(torch.clamp(1 - c * c, min=0)))
+        out_t[lo : lo + step] = (fn(u) * fn(v) * w).sum(dim=(1, 2))
+        out_d[lo : lo + step] = (deriv(u) * deriv(v) * w).sum(dim=(1, 2))
     return out_t, out_d
+
+
+def _hermite_sums(fn, deriv, s11: Tensor, s22: Tensor, corr: Tensor, points: int, chunk_elems: int):
+    """The tensor Gauss-Hermite rule: ``points x points`` nodes per entry."""
+    nodes_np, weights_np = _hermite_rule(points)
+    z = torch.as_tensor(nodes_np, dtype=corr.dtype, device=corr.device)
+    w = torch.as_tensor(weights_np, dtype=corr.dtype, device=corr.device)
+    ww = w[:, None] * w[None, :]
+
+    def nodes(a: Tensor, b: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return a * z[None, :, None], b * (c * z[None, :, None] + s * z[None, None, :]), ww
+
+    return _node_sums(fn, deriv, s11, s22, corr, nodes, points * points, chunk_elems)
 
 
 def _graded_sums(fn, deriv, s11: Tensor, s22: Tensor, corr: Tensor, chunk_elems: int):
@@ -155,20 +168,15 @@ def _graded_sums(fn, deriv, s11: Tensor, s22: Tensor, corr: Tensor, chunk_elems:
     gauss = lambda z: torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # noqa: E731
     t1, w1 = (as_t(a) for a in _graded_rule(levels, 9.0))  # N(0,1) mass beyond 9 is 1e-19
     t2, w2 = (as_t(a) for a in _graded_rule(levels, 18.0))  # covers [-9, 9] from any centre in it
-    w1 = w1 * gauss(t1)
-    out_t, out_d = torch.empty_like(corr), torch.empty_like(corr)
-    step = max(1, chunk_elems // (len(t1) * len(t2)))
-    for lo in range(0, corr.numel(), step):
-        a, b, c = (t[lo : lo + step, None, None] for t in (s11, s22, corr))
-        s = torch.sqrt(torch.clamp(1 - c * c, min=0))
-        z1 = t1[None, :, None]
-        centre = torch.clamp(-c * z1 / torch.clamp(s, min=torch.finfo(dtype).tiny), -9.0, 9.0)
+    z1, w1 = t1[None, :, None], (w1 * gauss(t1))[None, :, None]
+    tiny = torch.finfo(dtype).tiny
+
+    def nodes(a: Tensor, b: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        centre = torch.clamp(-c * z1 / torch.clamp(s, min=tiny), -9.0, 9.0)
         z2 = centre + t2[None, None, :]
-        ww = w1[None, :, None] * w2[None, None, :] * gauss(z2)
-        u, v = a * z1, b * (c * z1 + s * z2)
-        out_t[lo : lo + step] = (fn(u) * fn(v) * ww).sum(dim=(1, 2))
-        out_d[lo : lo + step] = (deriv(u) * deriv(v) * ww).sum(dim=(1, 2))
-    return out_t, out_d
+        return a * z1, b * (c * z1 + s * z2), w1 * w2[None, None, :] * gauss(z2)
+
+    return _node_sums(fn, deriv, s11, s22, corr, nodes, len(t1) * len(t2), chunk_elems)
 
 
 def gaussian_expectations(
@@ -205,12 +213,10 @@ def gaussian_expectations(
     flat12 = k12.reshape(-1)
     corr = torch.where(denom > 0, flat12 / torch.where(denom > 0, denom, 1), torch.zeros_like(flat12))
     corr = torch.clamp(corr, -1.0, 1.0)
-    if rule == "hermite":
-        graded = torch.zeros_like(corr, dtype=torch.bool)
-    elif rule == "graded":
-        graded = torch.ones_like(corr, dtype=torch.bool)
-    else:
+    if rule == "auto":
         graded = torch.maximum(s11, s22) ** 2 > HERMITE_MAX_VARIANCE
+    else:
+        graded = torch.full_like(corr, rule == "graded", dtype=torch.bool)
     out_t, out_d = torch.empty_like(corr), torch.empty_like(corr)
     for mask, sums in ((~graded, lambda *a: _hermite_sums(fn, deriv, *a, points, chunk_elems)),
                        (graded, lambda *a: _graded_sums(fn, deriv, *a, chunk_elems))):
