@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from pipeline.runner import init_ray, run_sweep  # noqa: E402
 from pipeline.spec import parse_sweep  # noqa: E402
-from pipeline.train import analytic_kernels, load_subset, train_run  # noqa: E402
+from pipeline.train import analytic_blocks, load_subset, train_run  # noqa: E402
 
 
 def sweep_for(runs: int, steps: int, width: int) -> dict:
@@ -40,7 +40,7 @@ def loop_time(sweep) -> float:
     torch.set_num_threads(1)
     configs = sweep.expand()
     subset = load_subset(configs[0])
-    analytic = analytic_kernels(configs[0], subset)
+    analytic = analytic_blocks(configs[0], subset)
     start = time.perf_counter()
     for c in configs:
         assert train_run(c, subset=subset, analytic=analytic).status == "ok"

@@ -19,7 +19,7 @@ import time
 import torch
 
 from pipeline.run_config import RunConfig
-from pipeline.train import analytic_kernels, load_subset, train_run, train_runs
+from pipeline.train import analytic_blocks, load_subset, train_run, train_runs
 
 
 def timed(fn, repeats: int) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
                          device=args.device, seed=seed)
 
     subset = load_subset(config(64))
-    analytic = analytic_kernels(config(64), subset)
+    analytic = analytic_blocks(config(64), subset)
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"# train_run: torch {torch.__version__}, {torch.get_num_threads()} threads, cpu {cpu}, gpu {gpu}")

@@ -153,3 +153,39 @@ def mlp_kernels(
     if x2 is None:  # exact symmetry: the recursion is symmetric, rounding in a @ a.T need not be
         out = {k: 0.5 * (v + v.T) for k, v in out.items()}
     return {k: v.cpu().numpy() for k, v in out.items()} if as_numpy else out
+
+
+def mlp_kernels_blocked(
+    x1: np.ndarray,
+    x2: np.ndarray | None = None,
+    *,
+    block: int = 1024,
+    get: Iterable[str] = KERNELS,
+    **arch: Any,
+) -> dict[str, np.ndarray]:
+    """:func:`mlp_kernels` in float64, tile by tile: memory is the ``(N1, N2)`` outputs plus one tile's
+    temporaries (``O(block^2)``), not the recursion's dozen ``(N1, N2)`` intermediates.
+
+    ``x2=None``: symmetric, only tiles on and above the diagonal are computed (diagonal tiles by the
+    symmetric :func:`mlp_kernels`, so the diagonal is exact) and mirrored. ``arch``: the architecture
+    keywords of :func:`mlp_kernels` (``depth``, ``activation``, ``w_std``, ``b_std``, ``parameterization``,
+    ``width``). Returns float64 numpy arrays, equal to :func:`mlp_kernels` up to matmul rounding.
+    """
+    get = tuple(get)
+    a = np.asarray(x1, dtype=np.float64)
+    b = a if x2 is None else np.asarray(x2, dtype=np.float64)
+    symmetric = x2 is None
+    out = {k: np.empty((len(a), len(b)), dtype=np.float64) for k in get}
+    for r0 in range(0, len(a), block):
+        r1 = min(len(a), r0 + block)
+        for c0 in range(r0 if symmetric else 0, len(b), block):
+            c1 = min(len(b), c0 + block)
+            if symmetric and r0 == c0:
+                tile = mlp_kernels(a[r0:r1], get=get, **arch)
+            else:
+                tile = mlp_kernels(a[r0:r1], b[c0:c1], get=get, **arch)
+            for k in get:
+                out[k][r0:r1, c0:c1] = tile[k]
+                if symmetric and r0 != c0:
+                    out[k][c0:c1, r0:r1] = tile[k].T
+    return out

@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.run_config import RunConfig  # noqa: E402
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
-from pipeline.store import ResultsStore  # noqa: E402
+from pipeline.store import GramWriter, ResultsStore  # noqa: E402
 
 
 @dataclass
@@ -82,29 +82,27 @@ def pack_cost(pack: list[RunConfig], in_dim: int, out_dim: int) -> float:
     return len(pack) * c.n_train * params * max(c.steps, 1)
 
 
-def _train_task(configs: list[RunConfig], subset, analytic: dict, num_cpus: float, store_grams: str):
+def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gram_writer) -> list:
     import torch
 
     from pipeline.train import train_runs
 
     # A pooled worker keeps the thread count of its first task: set it for every task.
     torch.set_num_threads(max(1, int(num_cpus)))
-    results = train_runs(configs, subset=subset, analytic=analytic)
-    for r in results:  # ship back only the (N, N) Grams the job stores
-        if store_grams == "none":
-            r.ntk_init = None
-        if store_grams != "init+final":
-            r.ntk_final = None
+    results = train_runs(configs, subset=subset, analytic=analytic, gram_writer=gram_writer)
+    peak = getattr(analytic, "peak_rss_bytes", None)
+    for r in results:
+        r.analytic_peak_rss_bytes = peak
     return results
 
 
-def _analytic_task(config: RunConfig, subset, num_cpus: float) -> dict:
+def _analytic_task(config: RunConfig, subset, num_cpus: float):
     import torch
 
-    from pipeline.train import analytic_kernels
+    from pipeline.train import analytic_blocks
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    return analytic_kernels(config, subset)
+    return analytic_blocks(config, subset)
 
 
 def _use_auth_token_if_present() -> None:
@@ -177,6 +175,8 @@ def run_sweep(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False)
     analytic_task = ray.remote(_analytic_task).options(
         num_cpus=res.num_cpus, num_gpus=0, max_retries=res.max_retries, retry_exceptions=False)
+    writer = GramWriter(store.root.resolve(), sweep.kernels.store,
+                        store.probe_token() if sweep.kernels.store != "none" else None)
 
     subset_refs = {key: ray.put(s) for key, s in subsets.items()}
     analytic_refs: dict[tuple, object] = {}
@@ -188,7 +188,9 @@ def run_sweep(
     packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
     # Largest first, so the long tasks start early and the small ones fill the gaps.
     packs.sort(key=lambda p: -pack_cost(p, subsets[subset_args(p[0])].dim, subsets[subset_args(p[0])].y_train.shape[1]))
-    slots = max_parallel or max(1, int(ray.cluster_resources().get("CPU", 1) // res.num_cpus))
+    # Every pack is submitted at once unless --max-parallel asks for backpressure: Ray (not the driver)
+    # limits concurrency by the declared resources, and an autoscaler sees the sweep's whole demand.
+    slots = max_parallel or len(packs)
     pending: dict = {}
     bar = tqdm(total=len(runs), initial=summary.skipped, unit="run", disable=progress is False,
                dynamic_ncols=True, desc=sweep.name)
@@ -196,7 +198,7 @@ def run_sweep(
     def submit(pack: list[RunConfig]) -> None:
         first = pack[0]
         ref = train_task.remote(pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)],
-                                res.num_cpus, sweep.kernels.store)
+                                res.num_cpus, writer)
         pending[ref] = pack
 
     queue = list(reversed(packs))  # pop() from the end takes the largest first
@@ -213,7 +215,7 @@ def run_sweep(
                 bar.write(f"{len(pack)} run(s) lost ({type(exc).__name__}); a re-run retries them")
                 bar.update(len(pack))
                 continue
-            store.write_pack(results, sweep.kernels.store)
+            store.write_pack(results)
             summary.status.update(r.status for r in results)
             bar.update(len(results))
             bar.set_postfix({k: v for k, v in summary.status.items()}, refresh=False)

@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.train import RunResult
 
 RUNS, CURVES, SPECTRAL, OUTPUTS, SWEEPS, GRAMS = "runs", "curves", "spectral", "outputs", "sweeps", "grams.zarr"
+PROBE = ".ntk-sweep-probe"
 SIDE_TABLES = (CURVES, SPECTRAL, OUTPUTS)
 
 
@@ -40,6 +41,7 @@ FIXED_TYPES = {
     "classes": pa.list_(pa.int64()), "data_dir": pa.string(), "batch_size": pa.int64(), "lr": pa.float64(),
     "lr_scale": pa.float64(), "error": pa.string(), "weight_rel_change_by_layer": pa.list_(pa.float64()),
     "f0_test": pa.list_(pa.float32()),
+    "peak_rss_bytes": pa.int64(), "peak_gpu_bytes": pa.int64(), "analytic_peak_rss_bytes": pa.int64(),
 }
 
 
@@ -114,14 +116,13 @@ class ResultsStore:
         return len(orphans)
 
     # -- writing a finished pack
-    def write_pack(self, results: list[RunResult], store_grams: str = "none") -> Path:
-        """Grams (if asked), then curves, then the runs part (the commit). Returns the runs part path."""
+    def write_pack(self, results: list[RunResult]) -> Path:
+        """Side tables (curves, spectral, outputs), then the runs part (the commit). Returns the runs part
+        path. The pack's Grams were written before, by the task that computed them (:class:`GramWriter`)."""
         if not results:
             raise ValueError("write_pack needs at least one result")
         dataset = results[0].config.dataset
         pid = pack_id(r.run_id for r in results)
-        if store_grams != "none":
-            self.write_empirical_grams(results, final=store_grams == "init+final")
         side = {
             CURVES: [{"run_id": r.run_id, **{k: v[i] for k, v in r.curves.items()}}
                      for r in results for i in range(len(r.curves.get("step", [])))],
@@ -138,34 +139,17 @@ class ResultsStore:
         return runs_path
 
     # -- Grams
-    def _zarr_root(self):
-        import zarr
+    @property
+    def grams_root(self) -> Path:
+        return self.root / GRAMS
 
-        return zarr.open_group(str(self.root / GRAMS), mode="a")
-
-    def write_array(self, path: str, array: np.ndarray, attrs: dict) -> None:
-        """A (N, N) float32 array, chunked and zstd-compressed, at ``path`` in grams.zarr."""
-        import zarr
-
-        root = self._zarr_root()
-        n = array.shape[0]
-        chunk = min(n, 1024)
-        arr = root.create_array(
-            path, shape=array.shape, dtype="float32", chunks=(chunk, chunk), overwrite=True,
-            compressors=zarr.codecs.ZstdCodec(level=3),
-        )
-        arr[...] = array.astype(np.float32)
-        arr.attrs.update(attrs)
-
-    def write_empirical_grams(self, results: list[RunResult], final: bool) -> None:
-        for r in results:
-            if r.ntk_init is None:
-                continue
-            attrs = {"run_id": r.run_id, "kernel": "empirical_ntk", "trace": "mean over outputs",
-                     "points": f"train[:{r.config.n_train}] ++ test[:{r.config.n_test}]"}
-            self.write_array(f"empirical/{r.run_id}/init", r.ntk_init, {**attrs, "time": "init"})
-            if final and r.ntk_final is not None:
-                self.write_array(f"empirical/{r.run_id}/final", r.ntk_final, {**attrs, "time": "final"})
+    def probe_token(self) -> str:
+        """Write (once) a marker file that a worker checks before it writes Grams here: a worker that
+        does not see it is on a node where this results directory is some other, local folder."""
+        probe = self.root / PROBE
+        if not probe.is_file():
+            _atomic_write_bytes(probe, uuid.uuid4().hex.encode())
+        return probe.read_text()
 
     def read_array(self, path: str) -> np.ndarray:
         import zarr
@@ -190,3 +174,47 @@ class ResultsStore:
         schema = schema.append(pa.field("dataset", pa.string())) if "dataset" not in schema.names else schema
         return ds.dataset(parts, format="parquet", partitioning=partitioning, schema=schema,
                           partition_base_dir=str(self.root / kind)).to_table()
+
+
+class GramWriter:
+    """Writes a run's empirical NTK Grams into ``RESULTS/grams.zarr/empirical/<run_id>/{init,final}`` with
+    :func:`kernels.gram.gram_to_zarr` (its layout, tiles and attributes: the project's one Zarr convention),
+    in the process that trained the run, so no Gram passes through the driver. Picklable: Ray ships it to
+    the task. ``probe``: the token of :meth:`ResultsStore.probe_token`; the first write checks that this
+    node sees it, i.e. that the results directory is the same (shared) folder here as on the driver."""
+
+    def __init__(self, root: str | Path, store: str, probe: str | None = None) -> None:
+        self.root, self.store, self.probe = str(root), store, probe
+        self._checked = probe is None
+
+    def _check_visible(self) -> None:
+        import socket
+
+        probe = Path(self.root) / PROBE
+        seen = probe.read_text() if probe.is_file() else None
+        if seen != self.probe:
+            raise RuntimeError(f"results directory {self.root} is not the driver's on node {socket.gethostname()}: "
+                               "Grams must go to a path that every node sees (a shared filesystem)")
+        self._checked = True
+
+    def __call__(self, result: RunResult, model0, model_t, x_all) -> None:
+        """Write ``init`` (and ``final`` when the job stores it and the run did not diverge)."""
+        if self.store == "none":
+            return
+        if not self._checked:
+            self._check_visible()
+        import torch
+
+        from kernels.gram import ModelNTK, gram_to_zarr
+
+        c = result.config
+        x = x_all.detach().cpu().numpy() if hasattr(x_all, "detach") else np.asarray(x_all)
+        attrs = {"run_id": c.run_id, "kernel": "empirical_ntk", "trace": "mean over outputs",
+                 "dataset": c.dataset, "n_train": c.n_train, "n_test": c.n_test, "preprocess": c.preprocess,
+                 "data_seed": c.data_seed, "classes": list(c.classes) if c.classes else None,
+                 "points": f"train[:{c.n_train}] ++ test[:{c.n_test}]"}
+        grams = [("init", model0)] + ([("final", model_t)] if self.store == "init+final" and model_t else [])
+        for when, model in grams:
+            gram_to_zarr(ModelNTK(model), x, store=str(Path(self.root) / GRAMS), path=f"empirical/{c.run_id}/{when}",
+                         attrs={**attrs, "time": when}, overwrite=True, scheduler="sync", progress=False,
+                         workers=1, torch_threads=torch.get_num_threads())

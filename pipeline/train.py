@@ -29,6 +29,7 @@ import copy
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
-from kernels.analytic import mlp_kernels
+from kernels.analytic import mlp_kernels, mlp_kernels_blocked
 from kernels.empirical import empirical_ntk
 from kernels.mlp import MLP
 from pipeline.data import Subset, make_subset, resolve_data_root
@@ -75,7 +76,11 @@ class RunResult:
     ``metrics``: the scalar measurements (``SCALAR_METRICS``, NaN where not measured) plus
     ``weight_rel_change_by_layer`` (list, one per Dense layer, input first). ``curves``: column ->
     list over the logged steps (``CURVE_COLUMNS``). ``ntk_init`` / ``ntk_final``: the traced
-    empirical NTK ``(N, N)`` float32 over ``train ++ test`` points (None if the run failed first).
+    empirical NTK ``(N, N)`` float32 over ``train ++ test`` points, kept only when asked
+    (``keep_grams``; a sweep writes them to Zarr in the worker instead). ``peak_rss_bytes``: the peak
+    resident memory of the process (task) that trained the pack, as the kernel reports it (VmHWM,
+    reset when the pack starts); ``peak_gpu_bytes``: torch's peak CUDA allocation (None on CPU);
+    ``analytic_peak_rss_bytes``: the same for the task that computed the run's analytic kernels.
     """
 
     config: RunConfig
@@ -89,6 +94,9 @@ class RunResult:
     f0_test: np.ndarray | None = None
     wall_s: float = float("nan")
     device: str = "cpu"
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    analytic_peak_rss_bytes: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -101,7 +109,9 @@ class RunResult:
         row = {"run_id": self.run_id, **cfg}
         row.update({k: float(self.metrics.get(k, math.nan)) for k in SCALAR_METRICS})
         row["weight_rel_change_by_layer"] = list(self.metrics.get("weight_rel_change_by_layer", []))
-        row.update(status=self.status, error=self.error, wall_s=self.wall_s, device=self.device)
+        row.update(status=self.status, error=self.error, wall_s=self.wall_s, device=self.device,
+                   peak_rss_bytes=self.peak_rss_bytes, peak_gpu_bytes=self.peak_gpu_bytes,
+                   analytic_peak_rss_bytes=self.analytic_peak_rss_bytes)
         return row
 
 
@@ -109,37 +119,77 @@ class RunResult:
 # Public entry points
 
 
-def train_run(config: RunConfig, *, subset: Subset | None = None, analytic: dict | None = None) -> RunResult:
+def train_run(config: RunConfig, *, subset: Subset | None = None, analytic: AnalyticBlocks | None = None,
+              keep_grams: bool = False) -> RunResult:
     """Train one network and its linearisation. Never raises: failures give ``status="failed"``."""
-    return train_runs([config], subset=subset, analytic=analytic)[0]
+    return train_runs([config], subset=subset, analytic=analytic, keep_grams=keep_grams)[0]
 
 
 def train_runs(
-    configs: list[RunConfig], *, subset: Subset | None = None, analytic: dict | None = None
+    configs: list[RunConfig], *, subset: Subset | None = None, analytic: AnalyticBlocks | None = None,
+    keep_grams: bool = False, gram_writer: Callable[[RunResult, MLP, MLP | None, np.ndarray], None] | None = None,
 ) -> list[RunResult]:
     """Train several seeds of one shape at once (``torch.func.stack_module_state`` + ``vmap``).
 
     All configs must be equal but for ``seed``. Returns the same results as separate
     :func:`train_run` calls, to float tolerance. ``subset`` and ``analytic`` (the output of
-    :func:`analytic_kernels`) may be passed in when the caller already has them.
+    :func:`analytic_blocks`) may be passed in when the caller already has them. ``keep_grams``: keep the
+    ``(N, N)`` empirical NTKs on the results (for tests and small interactive use). ``gram_writer(result,
+    model0, model_t, x_all)``: called once per seed after its measurements, in this process, to store its
+    Grams (``model_t`` is None when the run diverged); a failure there fails the run.
     """
     if not configs:
         return []
     if len({c.shape_key() for c in configs}) != 1:
         raise ValueError("train_runs packs runs that differ only in seed")
+    reset_peak_memory()
     start = time.perf_counter()
     device = torch.device("cpu")
     try:
         device = resolve_device(configs[0].device)  # inside: "cuda" on a node without one is a failed run
-        results = _train_pack(configs, device, subset, analytic)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        results = _train_pack(configs, device, subset, analytic, keep_grams, gram_writer)
     except Exception as exc:  # noqa: BLE001 - a run records its failure, the sweep goes on
         message = f"{type(exc).__name__}: {exc}"
         results = [RunResult(c, status="failed", error=message[:2000]) for c in configs]
         results[0].metrics["traceback"] = traceback.format_exc()
     wall = (time.perf_counter() - start) / len(configs)
+    peak_rss = peak_memory()
+    peak_gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     for r in results:
         r.wall_s, r.device = wall, str(device)
+        r.peak_rss_bytes, r.peak_gpu_bytes = peak_rss, peak_gpu
     return results
+
+
+def reset_peak_memory() -> None:
+    """Reset this process's peak resident set (VmHWM) so that :func:`peak_memory` measures from now
+    (Linux >= 4.0: writing 5 to /proc/self/clear_refs). A pooled Ray worker runs many tasks: without the
+    reset, a task would report the largest of its predecessors."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:  # not Linux, or not permitted: the peak is then the process's lifetime peak
+        pass
+
+
+def peak_memory() -> int | None:
+    """Peak resident set of this process in bytes since :func:`reset_peak_memory` (VmHWM), as the kernel
+    counts it: private pages plus the shared (object-store) pages this process touched."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):  # pragma: no cover
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,6 +219,109 @@ def analytic_kernels(config: RunConfig, subset: Subset) -> dict[str, np.ndarray]
         x, depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
         parameterization=config.parameterization, width=width,
     )
+
+
+ANALYTIC_BLOCK = 1024  # tile edge of the float64 analytic kernels (temporaries ~ a dozen of these squared)
+
+
+@dataclass
+class AnalyticBlocks:
+    """What the runs of one (subset, architecture) need of its analytic (infinite-width) kernels, float64.
+
+    n training points, m test points, K outputs. The NTK ``Theta`` in three blocks: ``ntk_tr (n, n)``,
+    ``ntk_te_tr (m, n)`` (the train-test block is its transpose) and ``ntk_te_te (m, m)``.
+    ``ntk_solver (m, n)``: ``Theta_te,tr (Theta_tr + eps I)^-1``, t = infinity kernel regression for any
+    training targets. ``ntk_pred``, ``nngp_pred (m, K)``: the mean predictors at t = infinity of the
+    NTK and the NNGP (``K_te,tr K_tr^-1 y``). ``lam_max``: top eigenvalue of ``ntk_tr``; ``spectrum``:
+    ``(lambda_min, lambda_max, cond)`` of ``ntk_tr`` when ``n <= MAX_EIGH``. ``peak_rss_bytes``: the peak
+    memory of the task that computed them. No ``(N, N)`` NNGP is ever formed: the runs need only its solve.
+    """
+
+    ntk_tr: np.ndarray
+    ntk_te_tr: np.ndarray
+    ntk_te_te: np.ndarray
+    ntk_solver: np.ndarray
+    ntk_pred: np.ndarray
+    nngp_pred: np.ndarray
+    lam_max: float
+    spectrum: tuple[float, float, float] | None
+    peak_rss_bytes: int | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.ntk_tr)
+
+    def ntk_block(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """``Theta[r0:r1, c0:c1]`` over ``train ++ test`` for a block that lies within one of the
+        train/test quadrants (``r0 < r1 <= n`` or ``n <= r0``, and the same for columns)."""
+        n = self.n
+        if r1 <= n and c1 <= n:
+            return self.ntk_tr[r0:r1, c0:c1]
+        if r0 >= n and c1 <= n:
+            return self.ntk_te_tr[r0 - n:r1 - n, c0:c1]
+        if r1 <= n and c0 >= n:
+            return self.ntk_te_tr[c0 - n:c1 - n, r0:r1].T
+        if r0 >= n and c0 >= n:
+            return self.ntk_te_te[r0 - n:r1 - n, c0 - n:c1 - n]
+        raise ValueError(f"block [{r0}:{r1}, {c0}:{c1}] straddles the train/test boundary {n}")
+
+
+def _arch(config: RunConfig) -> dict[str, Any]:
+    return dict(depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
+                parameterization=config.parameterization,
+                width=config.width if config.parameterization == "standard" else None)
+
+
+def _regularised_factor(make: Callable[[], np.ndarray], keep: bool) -> tuple:
+    """Factor ``K + eps I`` (``K = make()``, symmetric PSD, eps = 1e-10 of its mean diagonal, for
+    numerical safety): Cholesky, or LU when ``K`` is numerically indefinite. ``keep=False`` factorises
+    ``make()``'s array in place (no copy; it is rebuilt for the LU fallback)."""
+    from scipy.linalg import cho_factor, lu_factor
+
+    def regularised(copy: bool) -> np.ndarray:
+        k = make()
+        a = k.copy() if copy else k
+        a.flat[:: len(a) + 1] += 1e-10 * np.trace(k) / len(k)
+        return a
+
+    try:
+        return "cho", cho_factor(regularised(keep), lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return "lu", lu_factor(regularised(keep), overwrite_a=True, check_finite=False)
+
+
+def _solve(factor: tuple, rhs: np.ndarray) -> np.ndarray:
+    from scipy.linalg import cho_solve, lu_solve
+
+    kind, f = factor
+    return cho_solve(f, rhs, check_finite=False) if kind == "cho" else lu_solve(f, rhs, check_finite=False)
+
+
+def analytic_blocks(config: RunConfig, subset: Subset) -> AnalyticBlocks:
+    """The :class:`AnalyticBlocks` of a config's subset and architecture. Depends on the subset and the
+    architecture only (and the width in standard parameterisation), so a sweep computes it once for all
+    the widths' seeds. Peak memory: ``ntk_tr`` and one factor of it, ``2 n^2`` float64, plus the test blocks."""
+    reset_peak_memory()
+    x_tr, x_te = (np.asarray(a, dtype=np.float64) for a in (subset.x_train, subset.x_test))
+    y_tr = subset.y_train.astype(np.float64)
+    arch = _arch(config)
+    ntk_tr = mlp_kernels_blocked(x_tr, get=("ntk",), block=ANALYTIC_BLOCK, **arch)["ntk"]
+    ntk_te_tr = mlp_kernels_blocked(x_te, x_tr, get=("ntk",), block=ANALYTIC_BLOCK, **arch)["ntk"]
+    ntk_te_te = mlp_kernels_blocked(x_te, get=("ntk",), block=ANALYTIC_BLOCK, **arch)["ntk"]
+    lam_max = top_eigenvalue(ntk_tr)
+    spectrum = spectrum_stats(ntk_tr) if len(ntk_tr) <= MAX_EIGH else None
+    factor = _regularised_factor(lambda: ntk_tr, keep=True)
+    ntk_solver = np.ascontiguousarray(_solve(factor, ntk_te_tr.T).T)  # Theta_tr symmetric
+    del factor
+    ntk_pred = ntk_solver @ y_tr
+    factor = _regularised_factor(
+        lambda: mlp_kernels_blocked(x_tr, get=("nngp",), block=ANALYTIC_BLOCK, **arch)["nngp"], keep=False)
+    alpha = _solve(factor, y_tr)
+    del factor
+    nngp_te_tr = mlp_kernels_blocked(x_te, x_tr, get=("nngp",), block=ANALYTIC_BLOCK, **arch)["nngp"]
+    nngp_pred = nngp_te_tr @ alpha
+    return AnalyticBlocks(ntk_tr, ntk_te_tr, ntk_te_te, ntk_solver, ntk_pred, nngp_pred, lam_max, spectrum,
+                          peak_memory())
 
 
 def top_eigenvalue(matrix: np.ndarray) -> float:
@@ -270,11 +423,11 @@ def spectrum_stats(kernel: np.ndarray) -> tuple[float, float, float]:
 
 
 def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset | None,
-                analytic: dict | None) -> list[RunResult]:
+                analytic: AnalyticBlocks | None, keep_grams: bool, gram_writer: Callable | None) -> list[RunResult]:
     cfg = configs[0]
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     subset = subset if subset is not None else load_subset(cfg)
-    analytic = analytic if analytic is not None else analytic_kernels(cfg, subset)
+    analytic = analytic if analytic is not None else analytic_blocks(cfg, subset)
     n, k_out = subset.y_train.shape
 
     def tensor(a: np.ndarray) -> Tensor:
@@ -283,12 +436,6 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
     x_tr, y_tr, x_te, y_te = map(tensor, (subset.x_train, subset.y_train, subset.x_test, subset.y_test))
     models = [MLP(x_tr.shape[1], cfg.width, cfg.depth, k_out, cfg.activation, cfg.w_std, cfg.b_std,
                   cfg.parameterization, seed=c.seed, dtype=dtype).to(device) for c in configs]
-    inits = [_init_kernels(model, x_tr, x_te) for model in models]
-    theta_an = analytic["ntk"]
-    lam_analytic = top_eigenvalue(theta_an[:n, :n])
-    lr_crit = [2.0 * n / max(lam_analytic, init["lam_max"]) for init in inits]
-    lrs = [cfg.lr if cfg.lr is not None else cfg.effective_lr_scale * c for c in lr_crit]
-    lr_t = torch.tensor(lrs, dtype=dtype, device=device)
 
     def step_size(g: Tensor) -> Tensor:
         return lr_t.view(-1, *([1] * (g.ndim - 1))) * g
@@ -318,10 +465,20 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
 
     with torch.no_grad():
         f0_tr, f0_te = forward(params0, x_tr), forward(params0, x_te)
+    # Per seed, one at a time (their (N, n, K, K) blocks are large): the top eigenvalue of the full
+    # training-set NTK, hence the rate, and the closed form of the linearised model at the last step.
+    lr_crit, lrs, lin_closed = [], [], []
+    for s, model in enumerate(models):
+        crit, lr, closed = _rate_and_closed_form(model, x_tr, x_te, f0_tr[s], f0_te[s], subset, analytic.lam_max,
+                                                 cfg)
+        lr_crit.append(crit)
+        lrs.append(lr)
+        lin_closed.append(closed)
+    lr_t = torch.tensor(lrs, dtype=dtype, device=device)
     y_tr_np = subset.y_train.astype(np.float64)
     tracker = None
     if n <= MAX_EIGH:
-        tracker = SpectralTracker(theta_an[:n, :n], y_tr_np, f0_tr.double().cpu().numpy() - y_tr_np, lrs)
+        tracker = SpectralTracker(analytic.ntk_tr, y_tr_np, f0_tr.double().cpu().numpy() - y_tr_np, lrs)
     params = {k: v.clone() for k, v in params0.items()}
     delta = {k: torch.zeros_like(v) for k, v in params0.items()}
     batch_rngs = [torch.Generator().manual_seed(10_007 * c.seed + 1) for c in configs]
@@ -368,11 +525,20 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
         delta = {k: v - step_size(g_lin[k]) for k, v in delta.items()}
     final_step = step  # preds holds the evaluation at this step
 
-    # Analytic-NTK mean predictor at the same training time: the same for every seed of the pack.
-    shared = {}
-    if cfg.optimizer == "gd" and len(set(lrs)) == 1:
-        shared["f_ntk"] = gd_closed_form(theta_an[:n, :n], theta_an[n:, :n], -subset.y_train.astype(np.float64),
-                                         lrs[0] / n, final_step)
+    # Analytic-NTK predictions at the same training time, from each seed's own f0 (linear in r0 = f0 - y):
+    # one closed form per distinct rate, its right-hand sides stacked (-y for the mean predictor, then
+    # f0 of each seed), so Theta_tr is swept once per rate, not once per seed.
+    f_ntk = {}
+    if cfg.optimizer == "gd":
+        f0_tr_np = f0_tr.double().cpu().numpy()
+        for lr in sorted(set(lrs)):
+            seeds = [s for s, x in enumerate(lrs) if x == lr]
+            rhs = np.concatenate([-y_tr_np] + [f0_tr_np[s] for s in seeds], axis=1)
+            parts = np.split(gd_closed_form(analytic.ntk_tr, analytic.ntk_te_tr, rhs, lr / n, final_step),
+                             len(seeds) + 1, axis=1)
+            for s, part in zip(seeds, parts[1:], strict=True):
+                f_ntk[s] = (parts[0], part)
+    x_all = torch.cat([x_tr, x_te])
     results = []
     for s, c in enumerate(configs):
         model0, model_t = _unstack(models[s], params0, s), _unstack(models[s], params, s)
@@ -382,11 +548,12 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
         if tracker is not None:
             res.spectral = tracker.rows[s]
             res.metrics["train_loss_pred_ratio"] = tracker.predicted_loss_ratio(s, final_step)
-            an_stats = shared.setdefault("an_stats", spectrum_stats(theta_an[:n, :n]))
-            for key, value in zip(SPECTRUM_KEYS, an_stats, strict=True):
+            for key, value in zip(SPECTRUM_KEYS, analytic.spectrum, strict=True):
                 res.metrics[f"{key}_analytic"] = value
-        _measure(res, s, subset, analytic, inits[s], model0, model_t, preds, f0_tr, f0_te, lrs[s], final_step,
-                 diverged_at[s], x_tr, x_te, shared)
+        diverged = _measure(res, s, subset, analytic, model0, model_t, preds, f0_tr, f0_te, lrs[s], final_step,
+                            diverged_at[s], x_tr, x_all, f_ntk.get(s), lin_closed[s], keep_grams)
+        if gram_writer is not None:
+            gram_writer(res, model0, None if diverged else model_t, x_all)
         results.append(res)
     return results
 
@@ -455,63 +622,118 @@ def gd_closed_form(theta_tr: np.ndarray, theta_te_tr: np.ndarray, r0: np.ndarray
     return -theta_te_tr @ (vec @ (gain.reshape(-1, *([1] * (r0.ndim - 1))) * (vec.T @ r0)))
 
 
-def _init_kernels(model: MLP, x_tr: Tensor, x_te: Tensor) -> dict[str, Any]:
-    """Empirical NTK at init over ``train ++ test``: traced ``(N, N)`` float64, the full
-    ``(N, n, K, K)`` blocks against the n training points when ``n K <= MAX_FULL_NTK`` (else None; the
-    closed form needs no test-test blocks, which would grow as n_test^2 K^2), and the top eigenvalue of
-    the full training-set NTK (exact from the blocks, else by power iteration)."""
-    n, k_out = len(x_tr), model.config["out_dim"]
-    x_all = torch.cat([x_tr, x_te])
-    ntk0 = empirical_ntk(model, x_all).double().cpu().numpy()
-    if n * k_out <= MAX_FULL_NTK:
-        blocks = empirical_ntk(model, x_all, x_tr, trace=False).double().cpu().numpy()
-        train_block = blocks[:n].transpose(0, 2, 1, 3).reshape(n * k_out, n * k_out)
-        lam_max = top_eigenvalue(train_block)
-    else:
-        blocks = None
-        lam_max = top_ntk_eigenvalue(model, x_tr)
-    return {"ntk0": ntk0, "blocks": blocks, "lam_max": lam_max}
+def _rate_and_closed_form(model: MLP, x_tr: Tensor, x_te: Tensor, f0_tr: Tensor, f0_te: Tensor, subset: Subset,
+                          lam_analytic: float, cfg: RunConfig) -> tuple[float, float, np.ndarray | None]:
+    """``(lr_critical, lr, lin_closed)`` of one seed at init.
 
-
-def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict, model0: MLP, model_t: MLP,
-             preds: dict, f0_tr: Tensor, f0_te: Tensor, lr: float, steps: int, diverged_at: int | None,
-             x_tr: Tensor, x_te: Tensor, shared: dict) -> None:
-    """Fill ``res`` with every measurement of seed ``s`` of the pack."""
-    m = {key: res.metrics.get(key, math.nan) for key in SCALAR_METRICS}
+    The top eigenvalue of the full ``(nK, nK)`` training-set empirical NTK: exact from the ``(N, n, K, K)``
+    blocks against the training points when ``n K <= MAX_FULL_NTK``, else by power iteration. With the
+    blocks (and full-batch GD) also ``lin_closed (m, K)``: the linearised model's test predictions after
+    ``cfg.steps`` from the network's own NTK, a consistency check on the trained linear model (None
+    otherwise). The blocks are dropped before the next seed: they grow as ``N n K^2``.
+    """
     n, k_out = subset.y_train.shape
     x_all = torch.cat([x_tr, x_te])
-    theta = analytic["ntk"]
-    m["lr"] = lr
+    blocks = None
+    if n * k_out <= MAX_FULL_NTK:
+        blocks = empirical_ntk(model, x_all, x_tr, trace=False).double().cpu().numpy()
+        big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, n * k_out)
+        del blocks
+        nk = n * k_out
+        lam_max = top_eigenvalue(big[:nk])
+    else:
+        lam_max = top_ntk_eigenvalue(model, x_tr)
+    lr_crit = 2.0 * n / max(lam_analytic, lam_max)
+    lr = cfg.lr if cfg.lr is not None else cfg.effective_lr_scale * lr_crit
+    closed = None
+    if n * k_out <= MAX_FULL_NTK and cfg.optimizer == "gd":
+        r0 = (f0_tr.double().cpu().numpy() - subset.y_train.astype(np.float64)).reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):  # a rate far above critical: the run diverges
+            change = gd_closed_form(big[:nk], big[nk:], r0, lr / n, cfg.steps)
+        closed = f0_te.double().cpu().numpy() + change.reshape(-1, k_out)
+    return lr_crit, lr, closed
 
-    ntk0, blocks = init["ntk0"], init["blocks"]
-    res.ntk_init = ntk0.astype(np.float32)
-    m["kernel_rel_dev_init"] = float(np.linalg.norm(ntk0 - theta) / np.linalg.norm(theta))
-    if n <= MAX_EIGH:
-        for key, value in zip(SPECTRUM_KEYS, spectrum_stats(ntk0[:n, :n]), strict=True):
-            m[f"{key}_init"] = value
+
+NORM_PANEL = 1024  # rows of an (N, N) kernel turned into float64 at a time for its norms
+
+
+def _panels(n: int, total: int, rows: int = NORM_PANEL) -> list[tuple[int, int]]:
+    """Row ranges of ``train ++ test`` of at most ``rows`` rows, none straddling the boundary ``n``."""
+    return [(lo, min(hi_end, lo + rows)) for start, hi_end in ((0, n), (n, total))
+            for lo in range(start, hi_end, rows)]
+
+
+def _kernel_norms(ntk0: Tensor, an: AnalyticBlocks, ntk_t: Tensor | None) -> dict[str, float]:
+    """Frobenius norms over all ``N x N`` entries, in float64, one row panel at a time:
+    ``dev`` = ``||ntk0 - Theta||``, ``theta`` = ``||Theta||``, ``init`` = ``||ntk0||`` and (with ``ntk_t``)
+    ``change`` = ``||ntk_t - ntk0||``. ``ntk0``, ``ntk_t``: ``(N, N)`` in the model's dtype and device."""
+    total, n = len(ntk0), an.n
+    sq = dict(dev=0.0, theta=0.0, init=0.0, change=0.0)
+    for r0, r1 in _panels(n, total):
+        e0 = ntk0[r0:r1].double().cpu().numpy()
+        theta = np.concatenate([an.ntk_block(r0, r1, c0, c1) for c0, c1 in ((0, n), (n, total))], axis=1)
+        sq["dev"] += float(np.square(e0 - theta).sum())
+        sq["theta"] += float(np.square(theta).sum())
+        sq["init"] += float(np.square(e0).sum())
+        if ntk_t is not None:
+            sq["change"] += float(np.square(ntk_t[r0:r1].double().cpu().numpy() - e0).sum())
+    return {k: math.sqrt(v) for k, v in sq.items()}
+
+
+def _train_spectrum(ntk: Tensor, n: int) -> tuple[float, float, float] | None:
+    return spectrum_stats(ntk[:n, :n].double().cpu().numpy()) if n <= MAX_EIGH else None
+
+
+def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, model0: MLP, model_t: MLP,
+             preds: dict, f0_tr: Tensor, f0_te: Tensor, lr: float, steps: int, diverged_at: int | None,
+             x_tr: Tensor, x_all: Tensor, f_ntk: tuple[np.ndarray, np.ndarray] | None,
+             lin_closed: np.ndarray | None, keep_grams: bool) -> bool:
+    """Fill ``res`` with every measurement of seed ``s`` of the pack. Returns whether it diverged.
+
+    The empirical NTKs at init and at the end are formed here, one seed at a time, in the model's
+    dtype (``(N, N)``, float32 by default: the precision they were computed in), and reduced in float64
+    panels; nothing ``(N, N)`` outlives this call unless ``keep_grams``."""
+    m = {key: res.metrics.get(key, math.nan) for key in SCALAR_METRICS}
+    n = len(x_tr)
+    m["lr"] = lr
 
     # Analytic kernel regression at t = infinity: the mean predictor (f0 = 0) of the NTK and the NNGP, and
     # the NTK limit from this network's own random f0 (Lee et al. 2019, eq. 16), which is what one
     # infinitely wide network trained to convergence predicts. The mean predictor drops the variance that
-    # f0 carries into every prediction, so only ntk_own is a network's limit. One NTK solve serves both.
+    # f0 carries into every prediction, so only ntk_own is a network's limit.
     y_tr, y_te = subset.y_train.astype(np.float64), subset.y_test.astype(np.float64)
     f0_tr_own, f0_te_own = f0_tr[s].double().cpu().numpy(), f0_te[s].double().cpu().numpy()
-    ntk_mean, ntk_own = np.split(_kernel_regression(theta, n, np.hstack([y_tr, y_tr - f0_tr_own])), 2, axis=1)
-    preds_inf = {"ntk": ntk_mean, "nngp": _kernel_regression(analytic["nngp"], n, y_tr),
-                 "ntk_own": f0_te_own + ntk_own}
+    preds_inf = {"ntk": analytic.ntk_pred, "nngp": analytic.nngp_pred,
+                 "ntk_own": f0_te_own + analytic.ntk_solver @ (y_tr - f0_tr_own)}
     for name, pred in preds_inf.items():
         m[f"{name}_test_acc"] = _accuracy(torch.from_numpy(pred), subset.labels_test)
         m[f"{name}_test_loss"] = _mse(pred, y_te)
 
     if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in model_t.parameters()):
         diverged_at = steps  # blew up after the last logged step
-    if diverged_at is not None:
+    diverged = diverged_at is not None
+    ntk0 = empirical_ntk(model0, x_all)
+    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(ntk0, n) or (), strict=False):
+        m[f"{key}_init"] = value
+    ntk_t = None if diverged else empirical_ntk(model_t, x_all)
+    norms = _kernel_norms(ntk0, analytic, ntk_t)
+    m["kernel_rel_dev_init"] = norms["dev"] / norms["theta"]
+    if keep_grams:
+        res.ntk_init = ntk0.float().cpu().numpy()
+        res.ntk_final = None if ntk_t is None else ntk_t.float().cpu().numpy()
+    del ntk0
+    if diverged:
         # Only what the initial state and the kernels determine; the final weights are not finite.
         res.status = "diverged"
         m["diverged_step"] = float(diverged_at)
         res.error = f"loss exploded or became non-finite by step {diverged_at} (lr={lr:.4g})"
         res.metrics.update(m)
-        return
+        return True
+    m["kernel_rel_change"] = norms["change"] / norms["init"]
+    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(ntk_t, n) or (), strict=False):
+        m[f"{key}_final"] = value
+    del ntk_t
+
     kinked = model0.activation.piecewise_linear and model0.activation.name != "identity"
     m["relu_flip_frac"] = _flip_fraction(model0, model_t, x_tr) if kinked else math.nan
 
@@ -526,13 +748,6 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     m["weight_distance"] = float(torch.linalg.norm(flat_t - flat0))
     m["weight_rel_change"] = m["weight_distance"] / float(torch.linalg.norm(flat0))
 
-    ntk_t = empirical_ntk(model_t, x_all).double().cpu().numpy()
-    res.ntk_final = ntk_t.astype(np.float32)
-    m["kernel_rel_change"] = float(np.linalg.norm(ntk_t - ntk0) / np.linalg.norm(ntk0))
-    if n <= MAX_EIGH:
-        for key, value in zip(SPECTRUM_KEYS, spectrum_stats(ntk_t[:n, :n]), strict=True):
-            m[f"{key}_final"] = value
-
     curve = res.curves
     for key in ("train_loss", "test_loss", "train_acc", "test_acc", "lin_train_loss", "lin_test_loss",
                 "lin_train_acc", "lin_test_acc"):
@@ -543,33 +758,18 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: dict, init: dict,
     m["rmse_nn_lin_test"] = float(np.sqrt(np.mean((nn_te - lin_te) ** 2)))
     m["agree_nn_lin_test"] = _agreement(nn_te, lin_te)
 
-    if res.config.optimizer == "gd":
+    if f_ntk is not None:
         # Analytic NTK at the same training time: the mean predictor (f0 = 0), and the prediction
-        # started from this network's own f0 (linear in r0 = f0 - y, so it reuses the mean part).
-        # Only the latter converges to the network as the width grows; the former keeps the
-        # O(1) random initial function.
-        f_ntk = shared.get("f_ntk")
-        if f_ntk is None:
-            f_ntk = gd_closed_form(theta[:n, :n], theta[n:, :n], -y_tr, lr / n, steps)
-        f_ntk_own = f0_te_own + f_ntk + gd_closed_form(theta[:n, :n], theta[n:, :n], f0_tr_own, lr / n, steps)
-        m["rmse_nn_ntk_mean_test"] = float(np.sqrt(np.mean((nn_te - f_ntk) ** 2)))
-        m["rmse_nn_ntk_test"] = float(np.sqrt(np.mean((nn_te - f_ntk_own) ** 2)))
-        if blocks is not None:
-            # The network's own empirical NTK: predicts the trained linear model exactly.
-            big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, n * k_out)
-            nk = n * k_out
-            r0 = (f0_tr_own - y_tr).reshape(-1)
-            change = gd_closed_form(big[:nk, :nk], big[nk:, :nk], r0, lr / n, steps)
-            lin_pred = f0_te[s].double().cpu().numpy() + change.reshape(-1, k_out)
-            m["lin_closed_form_rel_err"] = float(np.linalg.norm(lin_pred - lin_te) / np.linalg.norm(lin_te))
+        # started from this network's own f0. Only the latter converges to the network as the width
+        # grows; the former keeps the O(1) random initial function.
+        f_mean, f_own_change = f_ntk
+        m["rmse_nn_ntk_mean_test"] = float(np.sqrt(np.mean((nn_te - f_mean) ** 2)))
+        m["rmse_nn_ntk_test"] = float(np.sqrt(np.mean((nn_te - (f0_te_own + f_mean + f_own_change)) ** 2)))
+    if lin_closed is not None and steps == res.config.steps:
+        # The network's own empirical NTK predicts the trained linear model exactly.
+        m["lin_closed_form_rel_err"] = float(np.linalg.norm(lin_closed - lin_te) / np.linalg.norm(lin_te))
     res.metrics.update(m)
-
-
-def _kernel_regression(kernel: np.ndarray, n: int, y_tr: np.ndarray) -> np.ndarray:
-    """``K_te,tr K_tr^-1 y`` with a jitter of 1e-10 of the mean diagonal for numerical safety."""
-    k_tr = kernel[:n, :n]
-    jitter = 1e-10 * np.trace(k_tr) / n
-    return kernel[n:, :n] @ np.linalg.solve(k_tr + jitter * np.eye(n), y_tr)
+    return False
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:

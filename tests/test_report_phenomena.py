@@ -51,7 +51,7 @@ def sweep_results(tmp_path_factory) -> Path:
     """The runs of TINY, trained and stored pack by pack as the runner does (without starting Ray)."""
     from pipeline.runner import make_packs
     from pipeline.spec import parse_sweep
-    from pipeline.train import analytic_kernels, train_runs
+    from pipeline.train import analytic_blocks, train_runs
 
     out = tmp_path_factory.mktemp("phenomena") / "results"
     store = ResultsStore(out)
@@ -60,7 +60,7 @@ def sweep_results(tmp_path_factory) -> Path:
     try:
         for pack in make_packs(parse_sweep(TINY).expand(), pack_seeds=True):
             subset = load_subset(pack[0])
-            results = train_runs(pack, subset=subset, analytic=analytic_kernels(pack[0], subset))
+            results = train_runs(pack, subset=subset, analytic=analytic_blocks(pack[0], subset))
             assert [r.status for r in results] == ["ok"] * len(pack), [r.error for r in results]
             store.write_pack(results)
     finally:

@@ -138,7 +138,8 @@ def test_sweep_killed_with_sigkill_resumes_without_losing_or_duplicating_rows(tm
     grams = zarr.open_group(str(out / "grams.zarr"), mode="r")
     for run_id in ids:
         init = grams[f"empirical/{run_id}/init"]
-        assert init.shape == (70, 70) and init.attrs["run_id"] == run_id
+        assert init.shape == (70, 70) and init.attrs["ntk_sweep_gram"]["data"]["run_id"] == run_id
+        assert init.attrs["ntk_sweep_gram"]["gram"]["complete"]  # written by kernels.gram in the worker
         assert f"empirical/{run_id}/final" in grams
 
     status = subprocess.run(_ntk_sweep("status", str(out)), capture_output=True, text=True, timeout=60)

@@ -52,7 +52,7 @@ def test_linearised_gd_equals_its_empirical_ntk_closed_form_float64():
 
 
 def test_result_has_every_measurement_and_curves():
-    res = train_run(cfg())
+    res = train_run(cfg(), keep_grams=True)
     assert res.status == "ok", res.error
     row = res.row()
     for key in SCALAR_METRICS:
@@ -96,7 +96,7 @@ def test_own_f0_kernel_regression_is_recomputed_independently():
 
 
 def test_deterministic_for_a_seed_and_seeds_differ():
-    a, b, c = train_run(cfg(seed=3)), train_run(cfg(seed=3)), train_run(cfg(seed=4))
+    a, b, c = (train_run(cfg(seed=s), keep_grams=True) for s in (3, 3, 4))
     assert a.metrics["test_loss"] == b.metrics["test_loss"]
     np.testing.assert_array_equal(a.ntk_final, b.ntk_final)
     assert a.metrics["test_loss"] != c.metrics["test_loss"]
@@ -160,7 +160,7 @@ def test_divergence_between_sparse_log_points_is_diverged_not_failed(seeds):
     The run must still end "diverged" with what the initial state determines (the init kernel, its
     spectrum, kernel regression), not "failed" on a NaN kernel."""
     configs = [cfg(width=16, lr_scale=4.0, steps=1000, log_points=5, seed=s) for s in range(seeds)]
-    for res in train_runs(configs):
+    for res in train_runs(configs, keep_grams=True):
         assert res.status == "diverged", res.error
         assert "exploded" in res.error
         assert math.isfinite(res.metrics["kernel_rel_dev_init"]) and math.isfinite(res.metrics["ntk_cond_init"])
@@ -212,3 +212,28 @@ def test_power_iteration_finds_the_top_eigenvalue_of_the_full_empirical_ntk():
     blocks = empirical_ntk(model, x, trace=False).numpy()
     exact = np.linalg.eigvalsh(blocks.transpose(0, 2, 1, 3).reshape(120, 120))[-1]
     assert top_ntk_eigenvalue(model, x) == pytest.approx(exact, rel=1e-3)
+
+
+def test_panelled_kernel_norms_equal_the_full_matrix_ones(monkeypatch):
+    """kernel_rel_dev_init and kernel_rel_change are reduced in row panels (none straddling train/test)
+    against the analytic blocks; here with 16-row panels against the whole (N, N) matrices."""
+    import pipeline.train as train
+    from kernels.analytic import mlp_kernels
+
+    monkeypatch.setattr(train, "NORM_PANEL", 16)
+    c = cfg(dtype="float64", steps=20, n_train=70, n_test=50, b_std=0.1)
+    res = train_run(c, keep_grams=True)
+    assert res.status == "ok", res.error
+    sub = load_subset(c)
+    theta = mlp_kernels(np.concatenate([sub.x_train, sub.x_test]).astype(np.float64), depth=c.depth,
+                        activation=c.activation, w_std=c.w_std, b_std=c.b_std, get=("ntk",))["ntk"]
+    e0, et = res.ntk_init.astype(np.float64), res.ntk_final.astype(np.float64)
+    assert res.metrics["kernel_rel_dev_init"] == pytest.approx(np.linalg.norm(e0 - theta) / np.linalg.norm(theta),
+                                                               rel=1e-5)
+    assert res.metrics["kernel_rel_change"] == pytest.approx(np.linalg.norm(et - e0) / np.linalg.norm(e0), rel=1e-4)
+    assert res.row()["peak_rss_bytes"] > 50e6  # VmHWM of this process: at least the interpreter and torch
+
+
+def test_grams_are_not_kept_unless_asked():
+    res = train_run(cfg(steps=5))
+    assert res.status == "ok" and res.ntk_init is None and res.ntk_final is None
