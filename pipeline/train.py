@@ -663,25 +663,51 @@ def _panels(n: int, total: int, rows: int = NORM_PANEL) -> list[tuple[int, int]]
             for lo in range(start, hi_end, rows)]
 
 
-def _kernel_norms(ntk0: Tensor, an: AnalyticBlocks, ntk_t: Tensor | None) -> dict[str, float]:
-    """Frobenius norms over all ``N x N`` entries, in float64, one row panel at a time:
-    ``dev`` = ``||ntk0 - Theta||``, ``theta`` = ``||Theta||``, ``init`` = ``||ntk0||`` and (with ``ntk_t``)
-    ``change`` = ``||ntk_t - ntk0||``. ``ntk0``, ``ntk_t``: ``(N, N)`` in the model's dtype and device."""
-    total, n = len(ntk0), an.n
+def _norm_panel_rows(width: int, total: int) -> int:
+    """Rows per panel: each panel recomputes the column features (``O(N K width^2)``) beside its Gram
+    (``O(rows N K width)``), so wide networks get taller panels; memory is ``rows x N`` per kernel."""
+    return min(total, max(NORM_PANEL, 2 * width))
+
+
+def _kernel_norms(model0: MLP, model_t: MLP | None, x_all: Tensor, an: AnalyticBlocks,
+                  keep: bool = False) -> dict[str, Any]:
+    """Frobenius norms over all ``N x N`` entries of the empirical NTKs of ``model0`` (and ``model_t``),
+    formed one row panel ``(rows, N)`` at a time in the models' dtype and reduced in float64: ``dev`` =
+    ``||ntk0 - Theta||``, ``theta`` = ``||Theta||``, ``init`` = ``||ntk0||`` and ``change`` =
+    ``||ntk_t - ntk0||``. No ``(N, N)`` array is formed unless ``keep`` (then ``ntk0``, ``ntk_t``: float32
+    numpy). ``x_all``: ``(N, d)`` train ++ test inputs."""
+    total, n = len(x_all), an.n
     sq = dict(dev=0.0, theta=0.0, init=0.0, change=0.0)
-    for r0, r1 in _panels(n, total):
-        e0 = ntk0[r0:r1].double().cpu().numpy()
+    kept: dict[str, Any] = {}
+    if keep:
+        kept = {"ntk0": np.empty((total, total), np.float32)}
+        if model_t is not None:
+            kept["ntk_t"] = np.empty((total, total), np.float32)
+    for r0, r1 in _panels(n, total, _norm_panel_rows(model0.config["width"], total)):
+        e0 = empirical_ntk(model0, x_all[r0:r1], x_all).double().cpu().numpy()
         theta = np.concatenate([an.ntk_block(r0, r1, c0, c1) for c0, c1 in ((0, n), (n, total))], axis=1)
         sq["dev"] += float(np.square(e0 - theta).sum())
         sq["theta"] += float(np.square(theta).sum())
         sq["init"] += float(np.square(e0).sum())
-        if ntk_t is not None:
-            sq["change"] += float(np.square(ntk_t[r0:r1].double().cpu().numpy() - e0).sum())
-    return {k: math.sqrt(v) for k, v in sq.items()}
+        del theta
+        if keep:
+            kept["ntk0"][r0:r1] = e0
+        if model_t is not None:
+            et = empirical_ntk(model_t, x_all[r0:r1], x_all).double().cpu().numpy()
+            sq["change"] += float(np.square(et - e0).sum())
+            if keep:
+                kept["ntk_t"][r0:r1] = et
+    out: dict[str, Any] = {k: math.sqrt(v) for k, v in sq.items()}
+    if keep:  # the panels are computed row by row: symmetrise as the whole-matrix kernel is
+        out.update({k: 0.5 * (v + v.T) for k, v in kept.items()})
+    return out
 
 
-def _train_spectrum(ntk: Tensor, n: int) -> tuple[float, float, float] | None:
-    return spectrum_stats(ntk[:n, :n].double().cpu().numpy()) if n <= MAX_EIGH else None
+def _train_spectrum(model: MLP, x_tr: Tensor) -> tuple[float, float, float] | None:
+    """Spectrum of the traced empirical NTK on the training points (``n <= MAX_EIGH``)."""
+    if len(x_tr) > MAX_EIGH:
+        return None
+    return spectrum_stats(empirical_ntk(model, x_tr).double().cpu().numpy())
 
 
 def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, model0: MLP, model_t: MLP,
@@ -690,11 +716,9 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
              lin_closed: np.ndarray | None, keep_grams: bool) -> bool:
     """Fill ``res`` with every measurement of seed ``s`` of the pack. Returns whether it diverged.
 
-    The empirical NTKs at init and at the end are formed here, one seed at a time, in the model's
-    dtype (``(N, N)``, float32 by default: the precision they were computed in), and reduced in float64
-    panels; nothing ``(N, N)`` outlives this call unless ``keep_grams``."""
+    The empirical NTKs at init and at the end are formed here, one seed at a time and one row panel at
+    a time (:func:`_kernel_norms`): nothing ``(N, N)`` is formed unless ``keep_grams``."""
     m = {key: res.metrics.get(key, math.nan) for key in SCALAR_METRICS}
-    n = len(x_tr)
     m["lr"] = lr
 
     # Analytic kernel regression at t = infinity: the mean predictor (f0 = 0) of the NTK and the NNGP, and
@@ -712,16 +736,12 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
     if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in model_t.parameters()):
         diverged_at = steps  # blew up after the last logged step
     diverged = diverged_at is not None
-    ntk0 = empirical_ntk(model0, x_all)
-    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(ntk0, n) or (), strict=False):
+    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(model0, x_tr) or (), strict=False):
         m[f"{key}_init"] = value
-    ntk_t = None if diverged else empirical_ntk(model_t, x_all)
-    norms = _kernel_norms(ntk0, analytic, ntk_t)
+    norms = _kernel_norms(model0, None if diverged else model_t, x_all, analytic, keep=keep_grams)
     m["kernel_rel_dev_init"] = norms["dev"] / norms["theta"]
     if keep_grams:
-        res.ntk_init = ntk0.float().cpu().numpy()
-        res.ntk_final = None if ntk_t is None else ntk_t.float().cpu().numpy()
-    del ntk0
+        res.ntk_init, res.ntk_final = norms["ntk0"], norms.get("ntk_t")
     if diverged:
         # Only what the initial state and the kernels determine; the final weights are not finite.
         res.status = "diverged"
@@ -730,9 +750,8 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
         res.metrics.update(m)
         return True
     m["kernel_rel_change"] = norms["change"] / norms["init"]
-    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(ntk_t, n) or (), strict=False):
+    for key, value in zip(SPECTRUM_KEYS, _train_spectrum(model_t, x_tr) or (), strict=False):
         m[f"{key}_final"] = value
-    del ntk_t
 
     kinked = model0.activation.piecewise_linear and model0.activation.name != "identity"
     m["relu_flip_frac"] = _flip_fraction(model0, model_t, x_tr) if kinked else math.nan
