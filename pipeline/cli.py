@@ -33,7 +33,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.runner import remote_results_dir, submit_sweep
 
     job_id = submit_sweep(args.job, args.out, args.address, working_dir=args.working_dir, python=args.python,
-                          remote_root=args.remote_root)
+                          remote_root=args.remote_root, shared_root=args.shared_root)
     print(f"results on the head node: {remote_results_dir(args.out, args.remote_root)}", file=sys.stderr)
     print(job_id)
     return 0
@@ -53,6 +53,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import format_json, format_table, plan_sweep
+    from pipeline.spec import load_sweep
+
+    plan = plan_sweep(load_sweep(args.job), args.cluster, data_dir=args.data_dir, gpu=args.gpu)
+    print(format_json(plan) if args.format == "json" else format_table(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntk-sweep", description="Width sweeps of neural networks against their NTK limits."
@@ -68,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="dataset root (default: $NTK_SWEEP_DATA, else a user cache)")
     run.set_defaults(func=_cmd_run)
 
+    plan = sub.add_parser("plan", help="estimate a sweep's memory, FLOPs, time and disk, and check it against a "
+                          "cluster; runs nothing")
+    plan.add_argument("job", help="job file, e.g. jobs/mnist_width_sweep.yaml")
+    plan.add_argument("--cluster", default=None, help="Ray cluster-launcher YAML (e.g. cluster.yaml): does every "
+                      "task fit its node types, how many nodes can the sweep use")
+    plan.add_argument("--format", choices=("table", "json"), default="table",
+                      help="table (default) or json: one object per run")
+    plan.add_argument("--gpu", default=None, help="GPU class for the time estimate when the job asks for GPUs "
+                      "(default: the cluster's, else A10G)")
+    plan.add_argument("--data-dir", default=None, help="dataset root recorded in the runs (nothing is read)")
+    plan.set_defaults(func=_cmd_plan)
+
     submit = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray Job")
     submit.add_argument("job")
     submit.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
@@ -78,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "mounts the project)")
     submit.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
     submit.add_argument("--python", default="python", help="the cluster's interpreter (default: python on its PATH)")
+    submit.add_argument("--shared-root", default="/mnt/shared",  # pipeline.runner.DEFAULT_SHARED_ROOT
+                        help="the filesystem every node sees (cluster.yaml mounts it at %(default)s); a job that "
+                             "stores Grams must put --out under it, because the workers write them")
     submit.set_defaults(func=_cmd_submit)
 
     status = sub.add_parser("status", help="progress of a results directory, or of a submitted job id")

@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
 from pipeline.run_config import RunConfig  # noqa: E402
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
 from pipeline.store import GramWriter, ResultsStore  # noqa: E402
@@ -90,9 +91,12 @@ def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gra
     # A pooled worker keeps the thread count of its first task: set it for every task.
     torch.set_num_threads(max(1, int(num_cpus)))
     results = train_runs(configs, subset=subset, analytic=analytic, gram_writer=gram_writer)
+    import ray
+
     peak = getattr(analytic, "peak_rss_bytes", None)
+    node = ray.get_runtime_context().get_node_id()
     for r in results:
-        r.analytic_peak_rss_bytes = peak
+        r.analytic_peak_rss_bytes, r.node = peak, node
     return results
 
 
@@ -103,28 +107,6 @@ def _analytic_task(config: RunConfig, subset, num_cpus: float):
 
     torch.set_num_threads(max(1, int(num_cpus)))
     return analytic_blocks(config, subset)
-
-
-def _use_auth_token_if_present() -> None:
-    """Clients of a token-authenticated cluster need ``RAY_AUTH_MODE=token`` before ray is first imported;
-    set it when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)."""
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    if address:
-        _use_auth_token_if_present()
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=False)
 
 
 def run_sweep(
@@ -169,12 +151,24 @@ def run_sweep(
 
     import ray
 
+    from pipeline.plan import estimate_analytic, estimate_pack
+
     init_ray(address, num_cpus)
     res = sweep.resources
-    train_task = ray.remote(_train_task).options(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, retry_exceptions=False)
-    analytic_task = ray.remote(_analytic_task).options(
-        num_cpus=res.num_cpus, num_gpus=0, max_retries=res.max_retries, retry_exceptions=False)
+    dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
+    packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
+    # Ray's memory= from the plan's estimate of each task's peak, so that a node never takes more
+    # tasks than its memory holds; the check below fails at once on what no node (or node type) can hold.
+    pack_memory = [estimate_pack(p, *dims[subset_args(p[0])], store=sweep.kernels.store,
+                                 num_cpus=res.num_cpus).host_peak_bytes for p in packs]
+    analytic_memory = {analytic_args(r): estimate_analytic(r, *dims[subset_args(r)]) for r in todo}
+    largest = max(pack_memory + list(analytic_memory.values()))
+    waiting = check_task_fits({"CPU": res.num_cpus, "GPU": res.num_gpus, "memory": largest},
+                              local=address is None, what=str(job) if not isinstance(job, Sweep) else sweep.name)
+    if waiting:
+        print(f"{sweep.name}: {waiting}", file=sys.stderr, flush=True)
+    train_task, analytic_task = ray.remote(_train_task), ray.remote(_analytic_task)
+    common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
     writer = GramWriter(store.root.resolve(), sweep.kernels.store,
                         store.probe_token() if sweep.kernels.store != "none" else None)
 
@@ -183,11 +177,12 @@ def run_sweep(
     for r in todo:
         key = analytic_args(r)
         if key not in analytic_refs:
-            analytic_refs[key] = analytic_task.remote(r, subset_refs[subset_args(r)], res.num_cpus)
+            analytic_refs[key] = analytic_task.options(num_gpus=0, memory=analytic_memory[key], **common).remote(
+                r, subset_refs[subset_args(r)], res.num_cpus)
 
-    packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
     # Largest first, so the long tasks start early and the small ones fill the gaps.
-    packs.sort(key=lambda p: -pack_cost(p, subsets[subset_args(p[0])].dim, subsets[subset_args(p[0])].y_train.shape[1]))
+    order = sorted(range(len(packs)), key=lambda i: -pack_cost(packs[i], *dims[subset_args(packs[i][0])]))
+    packs, pack_memory = [packs[i] for i in order], [pack_memory[i] for i in order]
     # Every pack is submitted at once unless --max-parallel asks for backpressure: Ray (not the driver)
     # limits concurrency by the declared resources, and an autoscaler sees the sweep's whole demand.
     slots = max_parallel or len(packs)
@@ -195,17 +190,17 @@ def run_sweep(
     bar = tqdm(total=len(runs), initial=summary.skipped, unit="run", disable=progress is False,
                dynamic_ncols=True, desc=sweep.name)
 
-    def submit(pack: list[RunConfig]) -> None:
+    def submit(pack: list[RunConfig], memory: int) -> None:
         first = pack[0]
-        ref = train_task.remote(pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)],
-                                res.num_cpus, writer)
+        ref = train_task.options(num_gpus=res.num_gpus, memory=memory, **common).remote(
+            pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)], res.num_cpus, writer)
         pending[ref] = pack
 
-    queue = list(reversed(packs))  # pop() from the end takes the largest first
+    queue = list(reversed(list(zip(packs, pack_memory, strict=True))))  # pop() takes the largest first
     try:
         while queue or pending:
             while queue and len(pending) < slots:
-                submit(queue.pop())
+                submit(*queue.pop())
             ready, _ = ray.wait(list(pending), num_returns=1)
             pack = pending.pop(ready[0])
             try:
@@ -223,7 +218,7 @@ def run_sweep(
         summary.interrupted = True
         for ref in pending:
             ray.cancel(ref, force=True)
-        summary.missing += sum(len(p) for p in pending.values()) + sum(len(p) for p in queue)
+        summary.missing += sum(len(p) for p in pending.values()) + sum(len(p) for p, _ in queue)
     finally:
         bar.close()
         summary.wall_s = time.perf_counter() - start
@@ -233,7 +228,7 @@ def run_sweep(
 def _jobs_client(address: str):
     r"""A Ray Jobs client; uses the cluster's auth token when one is available (``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Failures become one-line :class:`UserError`\s."""
-    _use_auth_token_if_present()
+    use_auth_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -257,16 +252,37 @@ def _shell_path(path: str) -> str:
     return '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
 
 
+DEFAULT_SHARED_ROOT = "/mnt/shared"  # where cluster.yaml mounts the filesystem that every node sees
+
+
+def check_grams_reachable(job: str | Path, sweep: Sweep, remote_out: str, shared_root: str | None) -> None:
+    """A job that stores Grams has them written by the workers into the results directory, so that
+    directory must be one that every node sees: under ``shared_root`` (cluster.yaml's shared filesystem).
+    Raises a one-line :class:`UserError` otherwise (at run time, workers also check it, see
+    :class:`pipeline.store.GramWriter`)."""
+    if sweep.kernels.store == "none":
+        return
+    root = (shared_root or "").rstrip("/")
+    if root and (remote_out == root or remote_out.startswith(root + "/")):
+        return
+    where = f"--out under the shared filesystem {root} (--shared-root)" if root else "a shared --shared-root"
+    raise UserError(f"{job}: kernels.store: {sweep.kernels.store}: the workers write the Grams into the results "
+                    f"directory, but {remote_out} is on the head node's own disk, which workers cannot see; use "
+                    f"{where}, or kernels.store: none")
+
+
 def submit_sweep(job: str | Path, out: str, address: str, working_dir: str | Path = ".",
-                 python: str = "python", remote_root: str = "~/ntk-sweep") -> str:
+                 python: str = "python", remote_root: str = "~/ntk-sweep",
+                 shared_root: str | None = DEFAULT_SHARED_ROOT) -> str:
     """Submit ``ntk-sweep run JOB --out OUT --address auto`` as a Ray Job; returns the job id.
 
     The entrypoint runs on the head node with ``python`` as found on the PATH that Ray was started
     with (cluster.yaml activates the project's venv first), or the interpreter given; it must have
     this project installed. ``working_dir`` ships the job file and the code. The results go to
-    :func:`remote_results_dir` on the head node.
+    :func:`remote_results_dir` on the head node; a job that stores Grams needs it under ``shared_root``.
     """
-    load_sweep(job)  # fail here, not on the cluster
+    sweep = load_sweep(job)  # fail here, not on the cluster
+    check_grams_reachable(job, sweep, remote_results_dir(out, remote_root), shared_root)
     client = _jobs_client(address)
     job_path = Path(job)
     try:

@@ -80,7 +80,8 @@ class RunResult:
     (``keep_grams``; a sweep writes them to Zarr in the worker instead). ``peak_rss_bytes``: the peak
     resident memory of the process (task) that trained the pack, as the kernel reports it (VmHWM,
     reset when the pack starts); ``peak_gpu_bytes``: torch's peak CUDA allocation (None on CPU);
-    ``analytic_peak_rss_bytes``: the same for the task that computed the run's analytic kernels.
+    ``analytic_peak_rss_bytes``: the same for the task that computed the run's analytic kernels;
+    ``node``: the Ray node id that trained it (empty outside Ray).
     """
 
     config: RunConfig
@@ -97,6 +98,7 @@ class RunResult:
     peak_rss_bytes: int | None = None
     peak_gpu_bytes: int | None = None
     analytic_peak_rss_bytes: int | None = None
+    node: str = ""
 
     @property
     def run_id(self) -> str:
@@ -111,7 +113,7 @@ class RunResult:
         row["weight_rel_change_by_layer"] = list(self.metrics.get("weight_rel_change_by_layer", []))
         row.update(status=self.status, error=self.error, wall_s=self.wall_s, device=self.device,
                    peak_rss_bytes=self.peak_rss_bytes, peak_gpu_bytes=self.peak_gpu_bytes,
-                   analytic_peak_rss_bytes=self.analytic_peak_rss_bytes)
+                   analytic_peak_rss_bytes=self.analytic_peak_rss_bytes, node=self.node)
         return row
 
 

@@ -245,7 +245,20 @@ def test_submit_runs_the_sweep_as_a_ray_job_and_status_follows_it(tmp_path, ray_
 
 
 def test_submit_to_nowhere_is_one_line_exit_2(tmp_path, capsys):
-    job = write_job(tmp_path, TINY)
+    job = write_job(tmp_path, {**TINY, "kernels": {"store": "none"}})
     assert main(["submit", str(job), "--address", "http://127.0.0.1:9", "--out", "r"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: http://127.0.0.1:9: cannot reach the Ray Jobs API") and "\n" not in err
+
+
+def test_submit_refuses_grams_into_a_results_directory_the_workers_cannot_see(tmp_path, capsys):
+    """The workers write the Grams: a results directory on the head's own disk would scatter them over the
+    nodes' local disks. Refused before any connection (the address is unreachable on purpose)."""
+    job = write_job(tmp_path, TINY)  # kernels.store: init+final
+    assert main(["submit", str(job), "--address", "http://127.0.0.1:9", "--out", "results/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kernels.store: init+final" in err and "--shared-root" in err, err
+    assert "~/ntk-sweep/results/x" in err
+    # Under the shared filesystem it gets as far as the (unreachable) cluster.
+    assert main(["submit", str(job), "--address", "http://127.0.0.1:9", "--out", "/mnt/shared/results/x"]) == 2
+    assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
