@@ -17,6 +17,8 @@ import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import ray  # noqa: E402
+
 from pipeline.runner import run_sweep  # noqa: E402
 from pipeline.spec import parse_sweep  # noqa: E402
 from pipeline.store import ResultsStore  # noqa: E402
@@ -46,6 +48,7 @@ def main() -> None:
             t0 = time.perf_counter()
             summary = run_sweep(sweep, out, num_cpus=2, progress=False)
             wall = time.perf_counter() - t0
+            ray.shutdown()  # fresh workers for the next size: a pooled worker keeps the heap it grew
             assert summary.status.get("ok") == 1, summary.line()
             row = ResultsStore(out).table().to_pylist()[0]
         print(f"{n:>8} {args.n_test:>7} {row['peak_rss_bytes'] / GIB:>15.2f} "

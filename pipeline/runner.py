@@ -33,7 +33,7 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
 from pipeline.run_config import RunConfig  # noqa: E402
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
-from pipeline.store import GramWriter, ResultsStore  # noqa: E402
+from pipeline.store import GramWriter, ResultsNotShared, ResultsStore  # noqa: E402
 
 
 @dataclass
@@ -88,6 +88,7 @@ def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gra
 
     from pipeline.train import train_runs
 
+    gram_writer.check()  # before any work: raises ResultsNotShared, which stops the sweep
     # A pooled worker keeps the thread count of its first task: set it for every task.
     torch.set_num_threads(max(1, int(num_cpus)))
     results = train_runs(configs, subset=subset, analytic=analytic, gram_writer=gram_writer)
@@ -140,8 +141,6 @@ def run_sweep(
         if key not in subsets:
             subsets[key] = load_subset(r)
 
-    store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
-    store.remove_orphans()
     done = store.done_run_ids()
     todo = [r for r in runs if r.run_id not in done]
     summary = SweepSummary(total=len(runs), skipped=len(runs) - len(todo))
@@ -167,6 +166,9 @@ def run_sweep(
                               local=address is None, what=str(job) if not isinstance(job, Sweep) else sweep.name)
     if waiting:
         print(f"{sweep.name}: {waiting}", file=sys.stderr, flush=True)
+    # Only now, with every check passed, is anything written.
+    store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
+    store.remove_orphans()
     train_task, analytic_task = ray.remote(_train_task), ray.remote(_analytic_task)
     common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
     writer = GramWriter(store.root.resolve(), sweep.kernels.store,
@@ -206,6 +208,10 @@ def run_sweep(
             try:
                 results = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # worker death after retries: leave missing
+                if isinstance(getattr(exc, "cause", None), ResultsNotShared):
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise UserError(f"{out}: {exc.cause}") from None
                 summary.missing += len(pack)
                 bar.write(f"{len(pack)} run(s) lost ({type(exc).__name__}); a re-run retries them")
                 bar.update(len(pack))

@@ -176,6 +176,10 @@ class ResultsStore:
                           partition_base_dir=str(self.root / kind)).to_table()
 
 
+class ResultsNotShared(RuntimeError):
+    """A worker does not see the driver's results directory (it is not on a shared filesystem)."""
+
+
 class GramWriter:
     """Writes a run's empirical NTK Grams into ``RESULTS/grams.zarr/empirical/<run_id>/{init,final}`` with
     :func:`kernels.gram.gram_to_zarr` (its layout, tiles and attributes: the project's one Zarr convention),
@@ -187,22 +191,26 @@ class GramWriter:
         self.root, self.store, self.probe = str(root), store, probe
         self._checked = probe is None
 
-    def _check_visible(self) -> None:
+    def check(self) -> None:
+        """Raise :class:`ResultsNotShared` if this node does not see the driver's probe (no-op when the
+        job stores no Grams)."""
         import socket
 
+        if self._checked or self.store == "none":
+            return
         probe = Path(self.root) / PROBE
         seen = probe.read_text() if probe.is_file() else None
         if seen != self.probe:
-            raise RuntimeError(f"results directory {self.root} is not the driver's on node {socket.gethostname()}: "
-                               "Grams must go to a path that every node sees (a shared filesystem)")
+            raise ResultsNotShared(f"results directory {self.root} on node {socket.gethostname()} is not the "
+                                   "driver's: the workers write the Grams there, so it must be a path that every "
+                                   "node sees (a shared filesystem)")
         self._checked = True
 
     def __call__(self, result: RunResult, model0, model_t, x_all) -> None:
         """Write ``init`` (and ``final`` when the job stores it and the run did not diverge)."""
         if self.store == "none":
             return
-        if not self._checked:
-            self._check_visible()
+        self.check()
         import torch
 
         from kernels.gram import ModelNTK, gram_to_zarr

@@ -262,3 +262,33 @@ def test_submit_refuses_grams_into_a_results_directory_the_workers_cannot_see(tm
     # Under the shared filesystem it gets as far as the (unreachable) cluster.
     assert main(["submit", str(job), "--address", "http://127.0.0.1:9", "--out", "/mnt/shared/results/x"]) == 2
     assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+
+
+def test_local_sweep_asking_for_a_gpu_this_machine_lacks_fails_at_once(tmp_path, capsys):
+    """Ray would queue the tasks forever at 0%; the runner says why in one line, exit 2, nothing written."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job = write_job(tmp_path, {**TINY, "widths": [16], "seeds": 1, "resources": {"num_cpus": 1, "num_gpus": 1}})
+    out = tmp_path / "r"
+    started = time.monotonic()
+    assert main(["run", str(job), "--out", str(out), "--num-cpus", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resources.num_gpus" in err and str(job) in err, err
+    assert time.monotonic() - started < 120
+    assert not out.exists() or not any(out.rglob("*.parquet")) and not (out / "sweeps").exists()
+
+
+def test_a_worker_that_does_not_see_the_results_directory_refuses_to_write_grams(tmp_path):
+    from pipeline.store import GramWriter, ResultsNotShared, ResultsStore
+
+    store = ResultsStore(tmp_path / "shared")
+    token = store.probe_token()
+    assert store.probe_token() == token  # written once
+    GramWriter(store.root, "init", token).check()  # the driver's own folder: fine
+    elsewhere = GramWriter(tmp_path / "local-disk-of-a-worker", "init", token)
+    with pytest.raises(ResultsNotShared, match="shared filesystem"):
+        elsewhere.check()
+    GramWriter(tmp_path / "anywhere", "none", None).check()  # no Grams, no check
