@@ -6,7 +6,9 @@ Both sides train the same runs (digits, depth 2, one seed per task, no packing) 
 thread per run. The loop runs them one after another in this process; the runner runs them as Ray
 tasks on a local cluster of ``--cpus`` CPUs (Ray start-up reported separately, not counted).
 Efficiency = loop time / (cpus x sweep time). Per-task overhead comes from a sweep of ``steps=0``
-runs: (sweep time x cpus - loop time) / tasks.
+runs: (sweep time x cpus - loop time) / tasks. Each sweep runs twice: every pack submitted up front
+(the runner's default: Ray limits concurrency by resources) and ``--max-parallel = cpus`` (the driver
+keeps only as many tasks in flight as there are CPUs), to compare the two scheduling policies.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def loop_time(sweep) -> float:
     return time.perf_counter() - start
 
 
-def sweep_time(sweep) -> float:
+def sweep_time(sweep, max_parallel: int | None = None) -> float:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        summary = run_sweep(sweep, out, progress=False)
+        summary = run_sweep(sweep, out, progress=False, max_parallel=max_parallel)
         assert summary.status["ok"] == len(sweep.expand()), summary.line()
         return time.perf_counter() - start
 
@@ -67,15 +69,18 @@ def main() -> None:
     init_ray(None, args.cpus)
     startup = time.perf_counter() - start
     print(f"# local Ray start-up: {startup:.1f} s ({args.cpus} CPUs, dashboard on 127.0.0.1)")
-    print(f"{'case':>28} {'loop s':>8} {'sweep s':>8} {'efficiency':>11} {'overhead/task':>14}")
+    print(f"{'case':>28} {'in flight':>10} {'loop s':>8} {'sweep s':>8} {'efficiency':>11} {'overhead/task':>14}")
     for steps in (args.steps, 0):
         sweep = parse_sweep(sweep_for(args.runs, steps, args.width))
         sweep_time(sweep)  # warm the worker pool and caches
-        t_loop, t_sweep = loop_time(sweep), sweep_time(sweep)
-        eff = t_loop / (args.cpus * t_sweep)
-        overhead = (t_sweep * args.cpus - t_loop) / args.runs
-        label = f"{args.runs} runs x {steps} steps w{args.width}"
-        print(f"{label:>28} {t_loop:>8.2f} {t_sweep:>8.2f} {eff:>10.1%} {overhead * 1000:>11.0f} ms")
+        t_loop = loop_time(sweep)
+        for max_parallel in (None, args.cpus):
+            t_sweep = sweep_time(sweep, max_parallel)
+            eff = t_loop / (args.cpus * t_sweep)
+            overhead = (t_sweep * args.cpus - t_loop) / args.runs
+            label = f"{args.runs} runs x {steps} steps w{args.width}"
+            flight = "all" if max_parallel is None else str(max_parallel)
+            print(f"{label:>28} {flight:>10} {t_loop:>8.2f} {t_sweep:>8.2f} {eff:>10.1%} {overhead * 1000:>11.0f} ms")
     ray.shutdown()
 
 
