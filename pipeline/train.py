@@ -51,7 +51,8 @@ SCALAR_METRICS = (
     "train_loss", "test_loss", "train_acc", "test_acc",
     "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
     "ntk_test_acc", "nngp_test_acc", "ntk_test_loss", "nngp_test_loss", "ntk_own_test_acc", "ntk_own_test_loss",
-    "kernel_rel_dev_init", "kernel_rel_change", "weight_rel_change", "weight_distance",
+    "kernel_rel_dev_init", "kernel_rel_change", "kernel_rel_dev_init_train", "kernel_rel_change_train",
+    "weight_rel_change", "weight_distance",
     "rmse_nn_lin_test", "agree_nn_lin_test", "rmse_nn_ntk_test", "rmse_nn_ntk_mean_test", "lin_closed_form_rel_err",
     "relu_flip_frac", "lr", "lr_critical", "diverged_step",
     "ntk_eig_min_init", "ntk_eig_max_init", "ntk_cond_init",
@@ -676,10 +677,11 @@ def _kernel_norms(model0: MLP, model_t: MLP | None, x_all: Tensor, an: AnalyticB
     """Frobenius norms over all ``N x N`` entries of the empirical NTKs of ``model0`` (and ``model_t``),
     formed one row panel ``(rows, N)`` at a time in the models' dtype and reduced in float64: ``dev`` =
     ``||ntk0 - Theta||``, ``theta`` = ``||Theta||``, ``init`` = ``||ntk0||`` and ``change`` =
-    ``||ntk_t - ntk0||``. No ``(N, N)`` array is formed unless ``keep`` (then ``ntk0``, ``ntk_t``: float32
-    numpy). ``x_all``: ``(N, d)`` train ++ test inputs."""
+    ``||ntk_t - ntk0||``; the same four over the ``n x n`` training block alone with a ``_train`` suffix
+    (what gradient descent sees). No ``(N, N)`` array is formed unless ``keep`` (then ``ntk0``, ``ntk_t``:
+    float32 numpy). ``x_all``: ``(N, d)`` train ++ test inputs."""
     total, n = len(x_all), an.n
-    sq = dict(dev=0.0, theta=0.0, init=0.0, change=0.0)
+    sq = {f"{k}{part}": 0.0 for k in ("dev", "theta", "init", "change") for part in ("", "_train")}
     kept: dict[str, Any] = {}
     if keep:
         kept = {"ntk0": np.empty((total, total), np.float32)}
@@ -688,15 +690,21 @@ def _kernel_norms(model0: MLP, model_t: MLP | None, x_all: Tensor, an: AnalyticB
     for r0, r1 in _panels(n, total, _norm_panel_rows(model0.config["width"], total)):
         e0 = empirical_ntk(model0, x_all[r0:r1], x_all).double().cpu().numpy()
         theta = np.concatenate([an.ntk_block(r0, r1, c0, c1) for c0, c1 in ((0, n), (n, total))], axis=1)
-        sq["dev"] += float(np.square(e0 - theta).sum())
-        sq["theta"] += float(np.square(theta).sum())
-        sq["init"] += float(np.square(e0).sum())
+        train_rows = r1 <= n
+        for part, cols in (("", slice(None)), ("_train", slice(0, n))):
+            if part and not train_rows:
+                continue
+            sq["dev" + part] += float(np.square(e0[:, cols] - theta[:, cols]).sum())
+            sq["theta" + part] += float(np.square(theta[:, cols]).sum())
+            sq["init" + part] += float(np.square(e0[:, cols]).sum())
         del theta
         if keep:
             kept["ntk0"][r0:r1] = e0
         if model_t is not None:
             et = empirical_ntk(model_t, x_all[r0:r1], x_all).double().cpu().numpy()
             sq["change"] += float(np.square(et - e0).sum())
+            if train_rows:
+                sq["change_train"] += float(np.square(et[:, :n] - e0[:, :n]).sum())
             if keep:
                 kept["ntk_t"][r0:r1] = et
     out: dict[str, Any] = {k: math.sqrt(v) for k, v in sq.items()}
@@ -742,6 +750,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
         m[f"{key}_init"] = value
     norms = _kernel_norms(model0, None if diverged else model_t, x_all, analytic, keep=keep_grams)
     m["kernel_rel_dev_init"] = norms["dev"] / norms["theta"]
+    m["kernel_rel_dev_init_train"] = norms["dev_train"] / norms["theta_train"]
     if keep_grams:
         res.ntk_init, res.ntk_final = norms["ntk0"], norms.get("ntk_t")
     if diverged:
@@ -752,6 +761,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
         res.metrics.update(m)
         return True
     m["kernel_rel_change"] = norms["change"] / norms["init"]
+    m["kernel_rel_change_train"] = norms["change_train"] / norms["init_train"]
     for key, value in zip(SPECTRUM_KEYS, _train_spectrum(model_t, x_tr) or (), strict=False):
         m[f"{key}_final"] = value
 

@@ -231,6 +231,12 @@ def test_panelled_kernel_norms_equal_the_full_matrix_ones(monkeypatch):
     assert res.metrics["kernel_rel_dev_init"] == pytest.approx(np.linalg.norm(e0 - theta) / np.linalg.norm(theta),
                                                                rel=1e-5)
     assert res.metrics["kernel_rel_change"] == pytest.approx(np.linalg.norm(et - e0) / np.linalg.norm(e0), rel=1e-4)
+    n = c.n_train  # the training block alone: what gradient descent sees
+    tr = np.s_[:n, :n]
+    assert res.metrics["kernel_rel_dev_init_train"] == pytest.approx(
+        np.linalg.norm(e0[tr] - theta[tr]) / np.linalg.norm(theta[tr]), rel=1e-5)
+    assert res.metrics["kernel_rel_change_train"] == pytest.approx(
+        np.linalg.norm(et[tr] - e0[tr]) / np.linalg.norm(e0[tr]), rel=1e-4)
     assert res.row()["peak_rss_bytes"] > 50e6  # VmHWM of this process: at least the interpreter and torch
 
 
