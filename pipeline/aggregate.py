@@ -19,11 +19,17 @@ and ``disagree_nn_lin_test = 1 - agree_nn_lin_test`` is derived. Statistics use 
 (group, width). The 95% CI is Student's t: ``mean +- t(0.975, count-1) * std / sqrt(count)``.
 
 Scaling fits: ordinary least squares of ``log(value)`` on ``log(width)`` over the individual ok runs
-of a group (non-positive values cannot be logged: they are dropped and counted in ``n_dropped``).
-``exponent`` is the slope, ``prefactor`` the value at width 1 (``value ~ prefactor *
-width**exponent``), ``r2`` the coefficient of determination over those runs, ``ci_low/ci_high``
-the 2.5/97.5 percentiles of the slope over a bootstrap that resamples seeds with replacement within
-each width, and ``exponent_se`` the textbook OLS standard error. No slope is ever imposed.
+of a group. ``exponent`` is the slope, ``prefactor`` the value at width 1 (``value ~ prefactor *
+width**exponent``), ``r2`` the coefficient of determination over those runs, ``exponent_se`` the
+textbook OLS standard error (runs taken as independent, which they are not). ``ci_low/ci_high``: a
+95% CI with the *seeds* as the units (``ci_method = "seed_cluster_t"``): a seed's networks at
+different widths share their initialisation and each seed has its own slope, so the CI is the slope
++- t(0.975, n_seeds - 1) times its seed-clustered (CR2) standard error; with one run per seed and
+width that is the t interval over the per-seed slopes. ``n_seeds`` and ``ci_dof`` say what it rests
+on (one seed: no CI; two: one degree of freedom, wide). Non-positive values cannot be logged: they are
+dropped and counted in ``n_dropped``; dropping the smallest values of a width that keeps others
+biases the exponent, and ``dropped_bias`` (``up``, ``down``, ``none``) and ``note`` say which way.
+No slope is ever imposed.
 
 The three tables carry a fingerprint of the runs parts (names, sizes, mtimes) in their Parquet schema
 metadata; :func:`ensure_aggregates` recomputes them only when that changed (a pack's ``outputs``
@@ -49,7 +55,7 @@ from pipeline.run_config import RunConfig
 AGGREGATES = "aggregates"
 BY_WIDTH, SCALING, GP_INIT = "by_width", "scaling", "gp_init"
 TABLES = (BY_WIDTH, SCALING, GP_INIT)
-VERSION = "2"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
+VERSION = "3"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
 FINGERPRINT_KEY = b"ntk_sweep.fingerprint"
 
 # The deviations from the kernel limit that shrink with width, fitted against it (plus every
@@ -70,6 +76,10 @@ EXPECTED_EXPONENT = {
 NOT_GROUPED = ("seed", "width", "lr", "sweep", "data_dir", "device")
 STATUSES = ("ok", "diverged", "failed")
 BOOTSTRAP = 2000
+# How scaling.parquet's exponent CIs are computed (see fit_power_law); the former within-width bootstrap
+# is kept for comparison.
+CI_METHOD = "seed_cluster_t"
+CI_METHODS = (CI_METHOD, "bootstrap_within_width")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,23 +247,47 @@ def t_quantile(count: np.ndarray) -> np.ndarray:
         return np.where(count >= 2, t.ppf(0.975, np.maximum(count - 1, 1)), np.nan)
 
 
-def fit_power_law(width: np.ndarray, value: np.ndarray, *, n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+def fit_power_law(width: np.ndarray, value: np.ndarray, run_seed: np.ndarray | None = None, *,
+                  method: str = CI_METHOD, n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
     """Least-squares fit of ``log(value) = log(prefactor) + exponent * log(width)`` over the given
-    runs, with a bootstrap CI that resamples runs (seeds) with replacement within each width.
+    runs, with a 95% CI for the exponent.
 
-    Non-finite values are ignored (``n_nonfinite``); non-positive ones are dropped (``n_dropped``).
-    Needs positive values at two widths or more, else ``exponent`` is NaN and ``note`` says why.
+    ``run_seed``: per run, the seed it belongs to (None: every run is its own seed, i.e. the runs are
+    taken as independent). ``method``:
+
+    * ``"seed_cluster_t"`` (default): the seeds are the units. The OLS slope over all runs, its
+      seed-clustered standard error (the CR2 sandwich: each seed's residuals corrected for its
+      leverage) and Student's t with ``n_seeds - 1`` degrees of freedom. When every seed has one run
+      at every width this is exactly the t interval over the per-seed slopes (their mean is the
+      pooled slope); it also takes seeds with missing widths. A seed's networks at different widths
+      share their initialisation and each seed has its own slope, so the runs of one seed are not
+      independent; resampling runs within widths ignores that and under-covers. One seed: no CI.
+    * ``"bootstrap_within_width"``: the former method, kept for comparison: 2.5/97.5 percentiles of
+      the slope over ``n_boot`` bootstraps (RNG ``seed``) that resample runs within each width.
+
+    Non-finite values are ignored (``n_nonfinite``); non-positive ones cannot be logged and are
+    dropped (``n_dropped``). Dropping the smallest values at a width that keeps others raises that
+    width's mean log: ``dropped_bias`` says which way that moves the exponent (``"up"``: less
+    negative, the measure seems to fall more slowly than it does, as when zeros appear at the largest
+    widths; ``"down"``; ``"none"`` when only whole widths were dropped, which just narrows the fitted
+    range; ``""`` when nothing was dropped or nothing could be fitted), and ``note`` says it. Needs
+    positive values at two widths or more, else ``exponent`` is NaN and ``note`` says why.
     """
+    if method not in CI_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {CI_METHODS}")
     width = np.asarray(width, dtype=np.float64)
     value = np.asarray(value, dtype=np.float64)
+    groups = np.arange(width.size) if run_seed is None else np.asarray(run_seed)
     finite = np.isfinite(value) & np.isfinite(width) & (width > 0)
     use = finite & (value > 0)
     out: dict[str, Any] = {
         "exponent": math.nan, "ci_low": math.nan, "ci_high": math.nan, "exponent_se": math.nan,
         "prefactor": math.nan, "r2": math.nan, "width_min": None, "width_max": None, "n_widths": 0,
         "n_points": int(use.sum()), "n_dropped": int((finite & ~use).sum()), "n_nonfinite": int((~finite).sum()),
-        "n_bootstrap": 0, "note": "",
+        "n_bootstrap": 0, "ci_method": method, "n_seeds": int(len(np.unique(groups[use]))), "ci_dof": math.nan,
+        "dropped_bias": "", "note": "",
     }
+    notes: list[str] = []
     x, z = np.log(width[use]), np.log(value[use])
     levels = np.unique(width[use])
     if len(levels):
@@ -271,10 +305,52 @@ def fit_power_law(width: np.ndarray, value: np.ndarray, *, n_boot: int = BOOTSTR
                r2=1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan)
     if len(x) > 2:
         out["exponent_se"] = math.sqrt(ss_res / (len(x) - 2) / sxx)
-    by_width = [np.flatnonzero(width[use] == w) for w in levels]
+    if out["n_dropped"]:
+        out["dropped_bias"], text = _dropped_bias(width[finite], value[finite] > 0, xm)
+        notes.append(text)
+    if method == "seed_cluster_t":
+        notes.insert(0, _seed_cluster_t(out, x - xm, resid, sxx, groups[use]))
+    else:
+        notes.insert(0, _bootstrap_within_width(out, x, z, width[use], levels, n_boot, seed))
+    out["note"] = "; ".join(n for n in notes if n)
+    return out
+
+
+def _seed_cluster_t(out: dict[str, Any], xc: np.ndarray, resid: np.ndarray, sxx: float, groups: np.ndarray) -> str:
+    """Fills the CI of ``out`` from the seed-clustered CR2 standard error of the slope (``xc``: the
+    centred log widths of the fitted runs, ``resid``: their OLS residuals) and t(n_seeds - 1)."""
+    from scipy.stats import t
+
+    seeds = np.unique(groups)
+    if len(seeds) < 2:
+        return "one seed: no CI (the seed-to-seed variation of the slope cannot be estimated)"
+    n = xc.size
+    if n < 3:
+        return "two runs: no CI"
+    # Design [1, xc] has (X'X)^-1 = diag(1/n, 1/sxx): the leverage between runs i, j is 1/n + xc_i xc_j / sxx.
+    bread = np.array([1.0 / n, 1.0 / sxx])
+    meat = np.zeros((2, 2))
+    for s in seeds:
+        ix = np.flatnonzero(groups == s)
+        xs = np.column_stack([np.ones(ix.size), xc[ix]])
+        lev = np.eye(ix.size) - (xs * bread) @ xs.T
+        ev, vec = np.linalg.eigh(lev)
+        inv_sqrt = np.where(ev > 1e-10, 1.0 / np.sqrt(np.clip(ev, 1e-10, None)), 0.0)  # pseudo-inverse root
+        score = xs.T @ (vec @ (inv_sqrt * (vec.T @ resid[ix])))
+        meat += np.outer(score, score)
+    se = math.sqrt(max(meat[1, 1], 0.0)) / sxx
+    dof = len(seeds) - 1
+    half = float(t.ppf(0.975, dof)) * se
+    out.update(ci_low=out["exponent"] - half, ci_high=out["exponent"] + half, ci_dof=float(dof))
+    return ""
+
+
+def _bootstrap_within_width(out: dict[str, Any], x: np.ndarray, z: np.ndarray, width: np.ndarray,
+                            levels: np.ndarray, n_boot: int, seed: int) -> str:
+    """Fills the CI of ``out`` from a percentile bootstrap that resamples runs within each width."""
+    by_width = [np.flatnonzero(width == w) for w in levels]
     if max(len(ix) for ix in by_width) < 2:
-        out["note"] = "one run per width: no bootstrap over seeds"
-        return out
+        return "one run per width: no bootstrap over seeds"
     rng = np.random.default_rng(seed)
     idx = np.concatenate([ix[rng.integers(0, len(ix), size=(n_boot, len(ix)))] for ix in by_width], axis=1)
     xb, zb = x[idx], z[idx]
@@ -282,9 +358,32 @@ def fit_power_law(width: np.ndarray, value: np.ndarray, *, n_boot: int = BOOTSTR
     slopes = (xc * (zb - zb.mean(axis=1, keepdims=True))).sum(axis=1) / (xc**2).sum(axis=1)
     lo, hi = np.percentile(slopes, [2.5, 97.5])
     out.update(ci_low=float(lo), ci_high=float(hi), n_bootstrap=n_boot)
-    if out["n_dropped"]:
-        out["note"] = f"{out['n_dropped']} non-positive value(s) dropped"
-    return out
+    return ""
+
+
+def _dropped_bias(width: np.ndarray, positive: np.ndarray, x_mean: float) -> tuple[str, str]:
+    """Which way dropping the non-positive values moves the fitted exponent, and a note saying so.
+    ``width``/``positive``: the runs with a finite value; ``x_mean``: the mean log width of the fit.
+
+    At a width that keeps some values, the dropped ones were its smallest, so the mean log there is
+    too high; a width above the mean log width pulls the slope up, one below it down. A width whose
+    values were all dropped just drops out of the fit."""
+    lean, n_partial = 0.0, 0
+    for w in np.unique(width):
+        at = width == w
+        kept, dropped = int(positive[at].sum()), int((~positive[at]).sum())
+        if kept and dropped:
+            n_partial += dropped
+            lean += (math.log(w) - x_mean) * kept * dropped / (kept + dropped)
+    n = int((~positive).sum())
+    if not n_partial:
+        return "none", f"{n} value(s) ≤ 0 not fitted, at widths left out whole (the fitted range is narrower)"
+    if lean == 0:
+        return "none", f"{n} value(s) ≤ 0 not fitted, {n_partial} at widths that kept others: no net bias"
+    bias = "up" if lean > 0 else "down"
+    way = "less negative: the true decay is likely steeper" if bias == "up" else "more negative"
+    return bias, (f"{n} value(s) ≤ 0 not fitted, {n_partial} at widths that kept others: "
+                  f"exponent biased {bias} ({way})")
 
 
 def by_width_table(runs: Runs) -> pa.Table:
@@ -339,8 +438,9 @@ def by_width_table(runs: Runs) -> pa.Table:
     return _with_groups(runs, gids, cols)
 
 
-def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP) -> pa.Table:
-    """Per (group, deviation measure): the log-log fit against width (:func:`fit_power_law`)."""
+def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP, method: str = CI_METHOD) -> pa.Table:
+    """Per (group, deviation measure): the log-log fit against width (:func:`fit_power_law`, the
+    runs' seeds as the units; ``method`` and ``n_boot`` as there)."""
     ok = runs.status == "ok"
     rows: list[dict[str, Any]] = []
     gids: list[int] = []
@@ -350,9 +450,9 @@ def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP) -> pa.Table:
             values = runs.measures[measure][sel]
             if not np.isfinite(values).any():
                 continue  # not measured for this group (e.g. relu_flip_frac of a smooth activation)
-            # The bootstrap's seed depends on the group and measure only, not on the other groups.
+            # A bootstrap's RNG seed depends on the group and measure only, not on the other groups.
             seed = int.from_bytes(hashlib.sha256(f"{runs.group_ids[g]}|{measure}".encode()).digest()[:4], "little")
-            fit = fit_power_law(runs.width[sel], values, n_boot=n_boot, seed=seed)
+            fit = fit_power_law(runs.width[sel], values, runs.seed[sel], method=method, n_boot=n_boot, seed=seed)
             rows.append({"measure": measure, **fit})
             gids.append(g)
     fields = {
@@ -360,6 +460,8 @@ def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP) -> pa.Table:
         "exponent_se": pa.float64(), "prefactor": pa.float64(), "r2": pa.float64(), "width_min": pa.int64(),
         "width_max": pa.int64(), "n_widths": pa.int64(), "n_points": pa.int64(), "n_dropped": pa.int64(),
         "n_nonfinite": pa.int64(), "n_bootstrap": pa.int64(), "note": pa.string(),
+        # Added later: after the older columns, so that their positions stay.
+        "ci_method": pa.string(), "n_seeds": pa.int64(), "ci_dof": pa.float64(), "dropped_bias": pa.string(),
     }
     cols = {k: pa.array([r[k] for r in rows], t) for k, t in fields.items()}
     return _with_groups(runs, np.array(gids, dtype=np.int64), cols)

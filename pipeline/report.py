@@ -3,8 +3,8 @@
 Per group of runs (one setting of everything but seed and width, see :mod:`pipeline.aggregate`):
 
 * ``deviations*.png``: every deviation from the kernel limit against width, log-log: the seeds
-  (faint), their mean with its 95% CI, the fitted power law with its exponent and bootstrap CI in
-  the legend, and the ``n^-1/2`` and ``n^-1`` reference slopes through the fit's first point; a last
+  (faint), their mean with its 95% CI, the fitted power law with its exponent and 95% CI (t over
+  seeds) in the legend, and the ``n^-1/2`` and ``n^-1`` reference slopes through the fit's first point; a last
   panel holds the relative weight change of each layer;
 * ``accuracy*.png``: test accuracy of the network, its linearisation, and analytic NTK and NNGP
   kernel regression, against width;
@@ -362,7 +362,7 @@ def _plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"Deviations from the kernel limit vs width: {g.label}\n"
-                 "mean over seeds with 95% CI (seeds faint); fit over the seeds, exponent [bootstrap 95% CI]",
+                 "mean over seeds with 95% CI (seeds faint); fit over the seeds, exponent [95% CI, t over seeds]",
                  fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     return True
@@ -1068,8 +1068,12 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
         "",
         "## Fitted width exponents",
         "",
-        "Least squares of log(measure) on log(width) over the individual ok runs; 95% CI: bootstrap over "
-        "seeds within each width. Expected: what Lee et al. (2019) report for NTK parameterisation and a "
+        "Least squares of log(measure) on log(width) over the individual ok runs; 95% CI with the seeds as the "
+        "units (`ci_method` `seed_cluster_t`): Student t with n_seeds − 1 degrees of freedom on the "
+        "seed-clustered standard error, i.e. the t interval over the per-seed slopes (a seed's networks at "
+        "different widths are not independent); none with one seed, wide with two. Values ≤ 0 cannot be "
+        "logged: they are left out, and the note says which way that biases the exponent. "
+        "Expected: what Lee et al. (2019) report for NTK parameterisation and a "
         "small learning rate. No slope is imposed.",
         "",
     ]
@@ -1108,7 +1112,7 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
         if "deviations" in g.figures:
             lines += ["### Deviations from the kernel limit vs width", "",
                       "Mean over seeds with 95% CI, individual seeds faint, the fitted power law (legend: "
-                      "exponent and its bootstrap CI), and reference slopes $n^{-1/2}$ (dashed) and $n^{-1}$ "
+                      "exponent and its 95% CI, t over seeds), and reference slopes $n^{-1/2}$ (dashed) and $n^{-1}$ "
                       "(dotted) through the fit's first point. Lazy training, measured directly: "
                       "`weight_distance` (the absolute $\\|\\theta_T-\\theta_0\\|_2$, which stays O(1) in NTK "
                       "parameterisation while the relative change `weight_rel_change` vanishes) and "
