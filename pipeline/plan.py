@@ -19,12 +19,14 @@ once) and how many nodes the sweep can keep busy.
 Nothing is run or read but the two YAML files: the input dimension comes from :data:`DATASET_DIMS`, the
 output dimension from ``classes`` (one output for two classes, as :func:`pipeline.data._targets` does).
 
-**The memory model** (:func:`host_memory`) is built from the arrays each phase of
-:func:`pipeline.train.train_runs` holds, in bytes, plus a measured constant per process, and calibrated
-against ``peak_rss_bytes`` of real sweeps on this machine (``bench/plan_memory.py``, ``bench/RESULTS.md``):
-within +-35 % over ``n_train`` 400..10,000, ``n_test`` 500..2,000, widths 64..4096, depths 1..3 on MNIST.
-The device model uses the same array inventory for the tensors that live on the GPU; it has not been
-measured on a GPU (none was available), so treat it as a first-principles estimate.
+**The memory model** (:func:`host_memory`, :func:`estimate_analytic`) is built from the arrays each phase of
+:func:`pipeline.train.train_runs` and :func:`pipeline.train.analytic_blocks` holds, in bytes, plus a measured
+constant per process and glibc's retention of freed blocks under 32 MiB, and checked against
+``peak_rss_bytes`` of real sweeps on this machine (``bench/plan_memory.py``, ``bench/RESULTS.md``): estimate
+/ measured 0.84-1.10 over 51 training tasks (``n_train`` 400..10,000, ``n_test`` 500..2,000, widths 64..4096,
+depths 1..3, packs of 10 seeds, MNIST), 0.85-1.10 for the analytic tasks. The device model uses the same
+array inventory for the tensors that live on the GPU; it has not been measured on a GPU (none was
+available): a first-principles estimate, used with :data:`GPU_MEMORY_MARGIN` to spare.
 
 Ray is never imported: the cluster YAML is read as data.
 """
@@ -113,8 +115,8 @@ class DeviceClass:
 
 # This machine: 2-core AMD EPYC, torch 2.13 CPU. bench/RESULTS.md: float32 sgemm 64-79 GFLOP/s per thread on
 # large products; training-sized matmuls (thin, vmapped) run at about half of that.
-CPU = DeviceClass("cpu", "cpu", matmul_flops=60e9, host_flops_per_cpu=15e9, step_overhead_s=2e-3,
-                  note="this machine's CPU: float32 60 GFLOP/s and float64 LAPACK 15 GFLOP/s per thread")
+CPU = DeviceClass("cpu", "cpu", matmul_flops=40e9, host_flops_per_cpu=15e9, step_overhead_s=5e-3,
+                  note="this machine's CPU: float32 40 GFLOP/s and float64 LAPACK 15 GFLOP/s per thread, 5 ms per step")
 
 # (float32 peak without tensor cores, TFLOP/s; memory in MiB as nvidia-smi reports it). torch keeps TF32
 # off for matmuls by default, so the float32 peak is the relevant one; the estimate assumes half of it.
@@ -123,6 +125,9 @@ GPU_SPECS = {
     "V100": (15.7, 16_384), "A100": (19.5, 40_960), "A100-80GB": (19.5, 81_920), "H100": (67.0, 81_559),
     "H200": (67.0, 143_771),
 }
+# The memory-bound numpy work per entry of each (N, N) empirical NTK a task forms (float64 conversion, the
+# analytic panel, differences and squares; measured: 4.6 s for two NTKs at N = 12,000 on this machine).
+HOST_SECONDS_PER_NTK_ENTRY = 1.6e-8
 GPU_EFFICIENCY = 0.5
 GPU_STEP_OVERHEAD_S = 8e-3  # ~a hundred small kernels per vmapped step of network + linearisation (launch-bound)
 GPU_HOST_FLOPS_PER_CPU = 15e9  # numpy float64 on the node's CPU (g5: AMD EPYC 7R32), per thread
@@ -170,8 +175,8 @@ class RunEstimate:
     """The cost of one Ray training task (a pack of ``seeds`` runs that differ only in seed).
 
     Bytes are bytes; ``flops`` counts multiply and add separately; ``seconds`` is wall time on
-    ``device``. ``host_phases``: the bytes above the baseline in each phase of the task (for the
-    curious; the peak is the baseline plus the resident inputs plus the largest phase).
+    ``device``. ``host_phases``: the bytes above the baseline in each phase of the task
+    (:func:`host_memory`; the peak is the baseline plus the largest phase).
     """
 
     seeds: int
@@ -192,13 +197,24 @@ class RunEstimate:
 # core worker; VmHWM is reset there) plus what the task pages in (pipeline.train, LAPACK, the allocator's
 # retained heap). On a GPU node the CUDA runtime maps its libraries into the host process too (not measured).
 TRAIN_BASELINE_BYTES = 600 * MIB
-ANALYTIC_BASELINE_BYTES = 480 * MIB
+ANALYTIC_BASELINE_BYTES = 440 * MIB
 GRAM_WRITER_BYTES = 120 * MIB  # dask, zarr and blosc paged in by the first Gram a worker writes
 CUDA_HOST_BYTES = 1536 * MIB
 # The training step's working set beyond the state it updates (measured with torch.func on this CPU): about
 # 3.5 copies of the parameters (gradients, update temporaries) and depth + 6 (S, n, width) activations.
 STEP_PARAM_COPIES = 3.5
 STEP_ACTIVATIONS = 6
+# glibc's malloc serves blocks under its mmap threshold (32 MiB once raised) from the heap and keeps them
+# when freed: the training loop's (S, n, width) temporaries then hold about 3x their live size in the
+# resident set, larger ones about 1.3x (measured with the training step on this CPU).
+MMAP_THRESHOLD = 32 * MIB
+HEAP_RETENTION_SMALL = 3.0
+HEAP_RETENTION_LARGE = 1.3
+
+
+def heap_retention(block_bytes: float) -> float:
+    """Resident bytes per live byte of repeatedly allocated and freed blocks of this size (glibc malloc)."""
+    return HEAP_RETENTION_SMALL if block_bytes < MMAP_THRESHOLD else HEAP_RETENTION_LARGE
 # numpy's eigh (with vectors): a working copy of the matrix plus dsyevd's 2 n^2 workspace.
 EIGH_COPIES = 3
 
@@ -260,7 +276,8 @@ def host_memory(configs: list[RunConfig], in_dim: int, out_dim: int, on_gpu: boo
 
     ``init_blocks`` (``n K <= 4096``): per seed the ``(N, n, K, K)`` empirical NTK, in float64 and its
     transposed copy (``16 N n K^2``); ``init_power``: the power iteration's activations; ``tracker`` (``n <=
-    4096``): eigh of the analytic train NTK; ``train``: a GD step of network and linearisation;
+    4096``): eigh of the analytic train NTK; ``train``: a GD step of network and linearisation (its
+    activation-sized temporaries times :func:`heap_retention`);
     ``closed_form`` (``gd`` with ``steps >= n``): eigh of the analytic train NTK again; ``measure``: a row
     panel of both empirical NTKs against all ``N`` points, in the model dtype and in float64 with the analytic
     panel and their differences; ``spectrum`` (``n <= 4096``): the train-set empirical NTK and its eigenvalues;
@@ -284,10 +301,12 @@ def host_memory(configs: list[RunConfig], in_dim: int, out_dim: int, on_gpu: boo
         ntk = ntk_memory(big_n, n, in_dim, w, depth, k, b, trace=False)
         ph["init_blocks"] = subset + state0 + max(t * ntk, (4 * t + 8) * blocks, 16 * blocks)
     else:
-        ph["init_power"] = subset + state0 + t * (3 * p * b + (depth + STEP_ACTIVATIONS) * n * w * b)
+        one = float(n) * w * b
+        ph["init_power"] = subset + state0 + t * (3 * p * b + heap_retention(one) * (depth + STEP_ACTIVATIONS) * one)
     if tracked:
         ph["tracker"] = subset + state0 + 8.0 * n * n * (1 + EIGH_COPIES)
-    ph["train"] = subset + (2 * vec) + t * ((4 + STEP_PARAM_COPIES) * s * p * b + (depth + STEP_ACTIVATIONS) * acts)
+    ph["train"] = subset + (2 * vec) + t * ((4 + STEP_PARAM_COPIES) * s * p * b
+                                            + heap_retention(acts) * (depth + STEP_ACTIVATIONS) * acts)
     state = t * 6 * s * p * b  # modules, params0, params, delta, the last two gradients
     if c.optimizer == "gd" and c.steps >= n:
         ph["closed_form"] = subset + 8.0 * (n * n + n * m) + vec + state + 8.0 * n * n * EIGH_COPIES
@@ -330,16 +349,19 @@ def device_memory(configs: list[RunConfig], in_dim: int, out_dim: int, store: st
     return CUDA_CONTEXT_BYTES + data + max(ph)
 
 
+def _features_flops(points: int, in_dim: int, width: int, depth: int, k: int) -> float:
+    """The structured empirical NTK's per-input features: a forward pass and the back-propagated deltas."""
+    return 2.0 * points * num_params(in_dim, width, depth, k) + 2.0 * points * k * width * width * max(depth - 1, 0)
+
+
 def _ntk_flops(n1: int, n2: int, in_dim: int, width: int, depth: int, k: int, trace: bool) -> float:
-    """Structured empirical NTK between ``n1`` and ``n2`` inputs: forward passes, back-propagated deltas and
-    the per-layer Gram products (``2 n1 n2`` per feature)."""
-    pts = n1 + n2 if n1 != n2 else n1
-    fwd = 2.0 * pts * num_params(in_dim, width, depth, k)
-    back = 2.0 * pts * k * width * width * max(depth - 1, 0)
+    """Structured empirical NTK between ``n1`` and ``n2`` inputs: features (forward passes, back-propagated
+    deltas) and the per-layer Gram products (``2 n1 n2`` per feature)."""
+    feats = _features_flops(n1 + n2 if n1 != n2 else n1, in_dim, width, depth, k)
     fans = [in_dim] + [width] * depth
     deltas = ([width] + [k * width] * (depth - 1) if trace else [k * width] * depth) if depth else []
     gram = 2.0 * n1 * n2 * (sum(fans) + sum(deltas)) * (1 if trace else k)
-    return fwd + back + gram
+    return feats + gram
 
 
 def flops(configs: list[RunConfig], in_dim: int, out_dim: int, store: str = "none") -> tuple[float, float]:
@@ -349,7 +371,8 @@ def flops(configs: list[RunConfig], in_dim: int, out_dim: int, store: str = "non
     ``4 b P``) and ``8 b P`` for the linearised model (jvp forward ``4 b P``, its gradient ``4 b P``) over a
     batch of ``b`` points; ``6 N P`` per logged evaluation; the empirical NTK at init and at the end (and once
     more per Gram stored, the worker recomputing it tile by tile); the init ``(N, n, K, K)`` blocks when
-    ``n K <= 4096``, else 60 power iterations (``8 n P`` each). Host (numpy float64): eigendecompositions
+    ``n K <= 4096``, else 60 power iterations (``8 n P`` each); the features recomputed per kernel-norm panel.
+    Host (numpy float64): eigendecompositions
     (``4 m^3`` with vectors, ``4/3 m^3`` values only), the closed forms (``2 t m^2 K`` when iterated), the
     per-seed NTK-from-own-f0 solve product.
     """
@@ -362,6 +385,9 @@ def flops(configs: list[RunConfig], in_dim: int, out_dim: int, store: str = "non
     dev = s * (c.steps * 14.0 * batch * p + evals * 6.0 * big_n * p)
     grams = {"none": 0, "init": 1, "init+final": 2}.get(store, 0)
     dev += s * (2 + grams) * _ntk_flops(big_n, big_n, in_dim, c.width, c.depth, k, trace=True)
+    # The kernel norms form both NTKs in row panels, recomputing the N column points' features for each.
+    panels = len(norm_panels(n, big_n, c.width))
+    dev += s * 2 * (panels - 1) * _features_flops(big_n, in_dim, c.width, c.depth, k)
     host = 0.0
     if n * k <= MAX_FULL_NTK:
         dev += s * _ntk_flops(big_n, n, in_dim, c.width, c.depth, k, trace=False)
@@ -422,19 +448,22 @@ def gram_bytes(config: RunConfig, store: str, codec: str = GRAM_CODEC) -> int:
 
 
 def estimate_pack(configs: list[RunConfig], in_dim: int, out_dim: int, *, store: str = "none",
-                  device: str | DeviceClass | None = None, num_cpus: float = 1.0) -> RunEstimate:
+                  device: str | DeviceClass | None = None, num_cpus: float = 1.0,
+                  num_gpus: float = 0.0) -> RunEstimate:
     """Estimate the Ray task that trains ``configs`` (runs equal but for ``seed``) as one pack.
 
     ``in_dim``/``out_dim``: the network's input size and outputs (:func:`io_dims`). ``store``: the job's
     ``kernels.store`` (the Gram bytes, the FLOPs and memory of writing them). ``device``: where the task
-    trains: ``"cpu"``, ``"gpu"`` or a GPU class (:data:`GPU_SPECS`; the class sets only the time), or None: a
-    CPU unless the configs ask for ``cuda``. A task that Ray gives a GPU (``num_gpus > 0``, job ``device`` not
-    ``cpu``) trains on it: pass ``"gpu"`` there, since on a CPU every tensor counts in ``host_peak_bytes``
-    (an upper bound for the same task's host memory on a GPU node, far above it for wide networks).
-    ``num_cpus``: threads of the task (the CPU rate, and the numpy work on a GPU node).
+    trains: ``"cpu"``, ``"gpu"`` or a GPU class (:data:`GPU_SPECS`; the class sets only the time), or None:
+    where Ray runs it, i.e. on a GPU when the task is given one (``num_gpus > 0``) and the configs' ``device``
+    is not ``cpu``, or asks for ``cuda``; else on a CPU. On a CPU every tensor counts in ``host_peak_bytes``
+    (far above the same task's host memory on a GPU node, for wide networks). ``num_cpus``, ``num_gpus``: the
+    task's Ray resources (``num_cpus`` threads set the CPU rate, and that of the numpy work on a GPU node).
     """
     if not configs:
         raise ValueError("estimate_pack needs at least one config")
+    if device is None and num_gpus > 0 and configs[0].device != "cpu":
+        device = "gpu"
     dev = device_class(device, configs[0])
     on_gpu = dev.kind == "gpu"
     parts = host_memory(configs, in_dim, out_dim, on_gpu=on_gpu, store=store)
@@ -448,7 +477,11 @@ def estimate_pack(configs: list[RunConfig], in_dim: int, out_dim: int, *, store:
         compute = dev_flops / dev.matmul_flops
     else:
         compute = dev_flops / (dev.matmul_flops * threads)
-    seconds = compute + host_flops / (dev.host_flops_per_cpu * threads) + dev.step_overhead_s * c.steps + 2.0
+    big_n = c.n_train + c.n_test
+    formed = len(configs) * (2 + {"none": 0, "init": 1, "init+final": 2}.get(store, 0))
+    memory_bound = formed * big_n * big_n * HOST_SECONDS_PER_NTK_ENTRY  # float64 panels, norms, Gram writes
+    seconds = (compute + host_flops / (dev.host_flops_per_cpu * threads) + memory_bound
+               + dev.step_overhead_s * c.steps + 2.0)
     return RunEstimate(
         seeds=len(configs), params=num_params(in_dim, c.width, c.depth, out_dim), host_peak_bytes=int(host_peak),
         device_peak_bytes=int(dev_peak), flops=dev_flops + host_flops, device_flops=dev_flops,
@@ -840,7 +873,7 @@ def assumptions(plan: Plan) -> list[str]:
     """The stated assumptions behind the numbers, one line each."""
     lines = [
         f"time on {plan.device.note}" if plan.device.kind == "gpu" else f"time on {CPU.note}",
-        "host memory: peak resident set of the Ray task (calibrated on this machine's CPU, +-35 %)"
+        "host memory: peak resident set of the Ray task (0.84-1.10 of the measured peak on this machine's CPU)"
         + ("; on a GPU node plus the CUDA runtime's host pages (~1.5 GiB, not measured)" if plan.device.kind == "gpu"
            else ""),
         f"Grams: float32 (N, N) per stored Gram, {GRAM_CODEC} at {GRAM_COMPRESSION[GRAM_CODEC]}x (measured)",
@@ -884,7 +917,7 @@ def format_table(plan: Plan) -> str:
         out.append("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
     tot = plan.totals()
     out.append("")
-    out.append(f"totals: {tot['flops'] / 1e15:,.2f} PFLOP; training {tot['task_hours']:,.1f} task-hours"
+    out.append(f"totals: {tot['flops']:.3g} FLOP; training {tot['task_hours']:,.1f} task-hours"
                + (f" = {tot['gpu_hours']:,.1f} GPU-hours ({plan.device.name}, {res.num_gpus:g} GPU per task)"
                   if gpu else "")
                + f"; {tot['cpu_hours']:,.1f} CPU-hours; Grams on disk {_bytes(tot['gram_bytes'])} "
@@ -919,6 +952,8 @@ def _format_cluster(plan: Plan) -> list[str]:
                           f"{_gib(min(plan.sweep.resources.num_gpus, 1) * node.gpu.memory_bytes)} share"
                           if node.gpu else ""))
             del fits
+        elif e["training_misfits"] == ["no GPU"]:
+            out.append("    training: no (the tasks need a GPU)")
         else:
             misfits = e["training_misfits"]
             bad = sum(1 for t in plan.tasks for f in t.fits if f.node_type == name and not f.fits)

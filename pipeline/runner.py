@@ -158,8 +158,8 @@ def run_sweep(
     packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
     # Ray's memory= from the plan's estimate of each task's peak, so that a node never takes more
     # tasks than its memory holds; the check below fails at once on what no node (or node type) can hold.
-    pack_memory = [estimate_pack(p, *dims[subset_args(p[0])], store=sweep.kernels.store,
-                                 num_cpus=res.num_cpus).host_peak_bytes for p in packs]
+    pack_memory = [estimate_pack(p, *dims[subset_args(p[0])], store=sweep.kernels.store, num_cpus=res.num_cpus,
+                                 num_gpus=res.num_gpus).host_peak_bytes for p in packs]
     analytic_memory = {analytic_args(r): estimate_analytic(r, *dims[subset_args(r)]) for r in todo}
     largest = max(pack_memory + list(analytic_memory.values()))
     waiting = check_task_fits({"CPU": res.num_cpus, "GPU": res.num_gpus, "memory": largest},
@@ -171,6 +171,9 @@ def run_sweep(
     store.remove_orphans()
     train_task, analytic_task = ray.remote(_train_task), ray.remote(_analytic_task)
     common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
+    # A GPU task gets a fresh worker, as Ray does for @ray.remote(num_gpus=...): torch's caching
+    # allocator would otherwise keep the previous task's GPU memory.
+    gpu_options = dict(num_gpus=res.num_gpus, max_calls=1 if res.num_gpus > 0 else 0)
     writer = GramWriter(store.root.resolve(), sweep.kernels.store,
                         store.probe_token() if sweep.kernels.store != "none" else None)
 
@@ -194,7 +197,7 @@ def run_sweep(
 
     def submit(pack: list[RunConfig], memory: int) -> None:
         first = pack[0]
-        ref = train_task.options(num_gpus=res.num_gpus, memory=memory, **common).remote(
+        ref = train_task.options(memory=memory, **gpu_options, **common).remote(
             pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)], res.num_cpus, writer)
         pending[ref] = pack
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -62,10 +63,13 @@ def _one_line_user_error(demand: dict, *, local: bool) -> str:
 def test_node_types_of_the_repos_cluster_yaml():
     # What the monitor's --autoscaling-config gives on a head started from cluster.yaml (the bootstrap copy
     # on AWS also holds the memory the cluster launcher fills in for worker types).
-    types = {t.name: t for t in _types_from_autoscaling_config(str(Path(__file__).parents[1] / "cluster.yaml"))}
+    path = Path(__file__).parents[1] / "cluster.yaml"
+    declared = yaml.safe_load(path.read_text())["available_node_types"]["gpu_worker"]
+    types = {t.name: t for t in _types_from_autoscaling_config(str(path))}
     assert types["head"].max_workers == 0
-    assert dict(types["gpu_worker"].resources) == {"CPU": 8.0, "GPU": 1.0}
-    assert types["gpu_worker"].max_workers == 16
+    assert dict(types["gpu_worker"].resources) == {k: float(v) for k, v in declared["resources"].items()}
+    assert types["gpu_worker"].resources["GPU"] == 1.0
+    assert types["gpu_worker"].max_workers == declared["max_workers"]
 
 
 class TestLocalRay:
