@@ -169,11 +169,11 @@ def run_sweep(
     # Only now, with every check passed, is anything written.
     store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
     store.remove_orphans()
-    train_task, analytic_task = ray.remote(_train_task), ray.remote(_analytic_task)
-    common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
     # A GPU task gets a fresh worker, as Ray does for @ray.remote(num_gpus=...): torch's caching
-    # allocator would otherwise keep the previous task's GPU memory.
-    gpu_options = dict(num_gpus=res.num_gpus, max_calls=1 if res.num_gpus > 0 else 0)
+    # allocator would otherwise keep the previous task's GPU memory. (max_calls is not an .options() field.)
+    train_task = ray.remote(max_calls=1)(_train_task) if res.num_gpus > 0 else ray.remote(_train_task)
+    analytic_task = ray.remote(_analytic_task)
+    common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
     writer = GramWriter(store.root.resolve(), sweep.kernels.store,
                         store.probe_token() if sweep.kernels.store != "none" else None)
 
@@ -197,7 +197,7 @@ def run_sweep(
 
     def submit(pack: list[RunConfig], memory: int) -> None:
         first = pack[0]
-        ref = train_task.options(memory=memory, **gpu_options, **common).remote(
+        ref = train_task.options(num_gpus=res.num_gpus, memory=memory, **common).remote(
             pack, subset_refs[subset_args(first)], analytic_refs[analytic_args(first)], res.num_cpus, writer)
         pending[ref] = pack
 
