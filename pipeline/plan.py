@@ -39,11 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.errors import UserError
 from pipeline.run_config import RunConfig
-from pipeline.spec import Sweep
+from pipeline.spec import Sweep, read_yaml_file
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -556,16 +554,7 @@ def load_cluster(path: str | Path) -> Cluster:
     """Read the node types of a Ray cluster-launcher YAML. Raises :class:`UserError` naming the file and
     the field (``cluster.yaml: available_node_types.gpu_worker.resources.GPU: ...``)."""
     path = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read cluster file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml_file(path, "cluster")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a cluster config must be a YAML mapping, got {type(data).__name__}")
     types = data.get("available_node_types")

@@ -191,17 +191,21 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
     return sweep
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a job file. Raises :class:`UserError` naming the file and field."""
-    path = Path(path)
+def read_yaml_file(path: str | Path, kind: str) -> Any:
+    """The parsed YAML of ``path``; an unreadable file or bad YAML is a one-line :class:`UserError`
+    (``PATH: cannot read KIND file (...)``, ``PATH: line L invalid YAML: ...``)."""
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except OSError as exc:
-        raise UserError(f"{path}: cannot read job file ({exc.strerror})") from None
+        raise UserError(f"{path}: cannot read {kind} file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_sweep(data, str(path))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a job file. Raises :class:`UserError` naming the file and field."""
+    return parse_sweep(read_yaml_file(path, "job"), str(path))
