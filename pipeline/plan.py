@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.run_config import RunConfig
+from pipeline.run_config import RunConfig, analytic_args, make_packs
 from pipeline.spec import Sweep, read_yaml_file
 
 GIB = 1 << 30
@@ -792,26 +792,6 @@ class Plan:
         return summary
 
 
-def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int) -> list[list[RunConfig]]:
-    """The training tasks the runner forms (:func:`pipeline.runner.make_packs`, restated here so that the
-    planner, which the runner calls, does not import it): runs equal but for ``seed`` with
-    ``width <= pack_max_width`` are one vmapped pack, every other run is a task of its own."""
-    packs: dict[tuple, list[RunConfig]] = {}
-    for r in runs:
-        key = r.shape_key() if pack_seeds and r.width <= pack_max_width else (r.run_id,)
-        packs.setdefault(key, []).append(r)
-    return list(packs.values())
-
-
-def analytic_key(config: RunConfig) -> tuple:
-    """What one analytic-kernel task is computed for: the subset and the architecture (and the width in
-    standard parameterisation), as :func:`pipeline.runner.analytic_args`."""
-    width = config.width if config.parameterization == "standard" else None
-    return (config.dataset, config.n_train, config.n_test, config.classes, config.preprocess, config.label_noise,
-            config.data_seed, config.depth, config.activation, config.w_std, config.b_std, config.parameterization,
-            width)
-
-
 def plan_sweep(sweep: Sweep, cluster_path: str | Path | None = None, *, data_dir: str | None = None,
                gpu: str | None = None) -> Plan:
     """Estimate every task of ``sweep`` (see the module docstring).
@@ -834,7 +814,7 @@ def plan_sweep(sweep: Sweep, cluster_path: str | Path | None = None, *, data_dir
     analytic: dict[tuple, AnalyticPlan] = {}
     for pack in make_packs(runs, res.pack_seeds, res.pack_max_width):
         in_dim, out_dim = io_dims(pack[0])
-        key = analytic_key(pack[0])
+        key = analytic_args(pack[0])
         if key not in analytic:
             fl = analytic_flops(pack[0], in_dim)
             analytic[key] = AnalyticPlan(pack[0], estimate_analytic(pack[0], in_dim, out_dim), fl,

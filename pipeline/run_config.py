@@ -123,3 +123,29 @@ def _json_float(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+# Grouping runs into Ray tasks (the runner forms them; the planner costs the same tasks).
+
+
+def subset_args(config: RunConfig) -> tuple:
+    """What identifies the dataset subset of a run."""
+    return (config.dataset, config.data_dir, config.n_train, config.n_test, config.classes, config.preprocess,
+            config.label_noise, config.data_seed)
+
+
+def analytic_args(config: RunConfig) -> tuple:
+    """What identifies the analytic kernels of a run: its subset and architecture (and, in standard
+    parameterisation, its width, on which that NTK depends)."""
+    width = config.width if config.parameterization == "standard" else None
+    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std,
+            config.parameterization, width)
+
+
+def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int = 512) -> list[list[RunConfig]]:
+    """Group runs that differ only in seed (width <= ``pack_max_width``) into packs; others alone."""
+    packs: dict[tuple, list[RunConfig]] = {}
+    for r in runs:
+        key = r.shape_key() if pack_seeds and r.width <= pack_max_width else (r.run_id,)
+        packs.setdefault(key, []).append(r)
+    return list(packs.values())

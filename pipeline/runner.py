@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
-from pipeline.run_config import RunConfig  # noqa: E402
+from pipeline.run_config import RunConfig, analytic_args, make_packs, subset_args  # noqa: E402,F401
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
 from pipeline.store import GramWriter, ResultsNotShared, ResultsStore  # noqa: E402
 
@@ -51,29 +51,6 @@ class SweepSummary:
         stop = " (interrupted)" if self.interrupted else ""
         return (f"{self.total} runs: {self.skipped} already done, {counts}{extra} "
                 f"in {self.wall_s:.1f} s{stop}")
-
-
-def subset_args(config: RunConfig) -> tuple:
-    """What identifies the dataset subset of a run."""
-    return (config.dataset, config.data_dir, config.n_train, config.n_test, config.classes, config.preprocess,
-            config.label_noise, config.data_seed)
-
-
-def analytic_args(config: RunConfig) -> tuple:
-    """What identifies the analytic kernels of a run: its subset and architecture (and, in standard
-    parameterisation, its width, on which that NTK depends)."""
-    width = config.width if config.parameterization == "standard" else None
-    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std,
-            config.parameterization, width)
-
-
-def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int = 512) -> list[list[RunConfig]]:
-    """Group runs that differ only in seed (width <= ``pack_max_width``) into packs; others alone."""
-    packs: dict[tuple, list[RunConfig]] = {}
-    for r in runs:
-        key = r.shape_key() if pack_seeds and r.width <= pack_max_width else (r.run_id,)
-        packs.setdefault(key, []).append(r)
-    return list(packs.values())
 
 
 def pack_cost(pack: list[RunConfig], in_dim: int, out_dim: int) -> float:
