@@ -212,16 +212,18 @@ def load_subset(config: RunConfig) -> Subset:
     )
 
 
+def _arch(config: RunConfig) -> dict[str, Any]:
+    return dict(depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
+                parameterization=config.parameterization,
+                width=config.width if config.parameterization == "standard" else None)
+
+
 def analytic_kernels(config: RunConfig, subset: Subset) -> dict[str, np.ndarray]:
     """Analytic NNGP and NTK (float64) over ``train ++ test`` points: ``{"nngp", "ntk"}: (N, N)``.
     Depends on the subset and architecture only, so a sweep computes it once for all widths' seeds
     in NTK parameterisation (the standard-parameterisation NTK depends on the width)."""
     x = np.concatenate([subset.x_train, subset.x_test]).astype(np.float64)
-    width = config.width if config.parameterization == "standard" else None
-    return mlp_kernels(
-        x, depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
-        parameterization=config.parameterization, width=width,
-    )
+    return mlp_kernels(x, **_arch(config))
 
 
 ANALYTIC_BLOCK = 1024  # tile edge of the float64 analytic kernels (temporaries ~ a dozen of these squared)
@@ -267,12 +269,6 @@ class AnalyticBlocks:
         if r0 >= n and c0 >= n:
             return self.ntk_te_te[r0 - n:r1 - n, c0 - n:c1 - n]
         raise ValueError(f"block [{r0}:{r1}, {c0}:{c1}] straddles the train/test boundary {n}")
-
-
-def _arch(config: RunConfig) -> dict[str, Any]:
-    return dict(depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
-                parameterization=config.parameterization,
-                width=config.width if config.parameterization == "standard" else None)
 
 
 def _regularised_factor(make: Callable[[], np.ndarray], keep: bool) -> tuple:
@@ -437,6 +433,7 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
         return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
     x_tr, y_tr, x_te, y_te = map(tensor, (subset.x_train, subset.y_train, subset.x_test, subset.y_test))
+    x_all = torch.cat([x_tr, x_te])
     models = [MLP(x_tr.shape[1], cfg.width, cfg.depth, k_out, cfg.activation, cfg.w_std, cfg.b_std,
                   cfg.parameterization, seed=c.seed, dtype=dtype).to(device) for c in configs]
 
@@ -472,8 +469,7 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
     # training-set NTK, hence the rate, and the closed form of the linearised model at the last step.
     lr_crit, lrs, lin_closed = [], [], []
     for s, model in enumerate(models):
-        crit, lr, closed = _rate_and_closed_form(model, x_tr, x_te, f0_tr[s], f0_te[s], subset, analytic.lam_max,
-                                                 cfg)
+        crit, lr, closed = _rate_and_closed_form(model, x_all, f0_tr[s], f0_te[s], subset, analytic.lam_max, cfg)
         lr_crit.append(crit)
         lrs.append(lr)
         lin_closed.append(closed)
@@ -541,7 +537,6 @@ def _train_pack(configs: list[RunConfig], device: torch.device, subset: Subset |
                              len(seeds) + 1, axis=1)
             for s, part in zip(seeds, parts[1:], strict=True):
                 f_ntk[s] = (parts[0], part)
-    x_all = torch.cat([x_tr, x_te])
     results = []
     for s, c in enumerate(configs):
         model0, model_t = _unstack(models[s], params0, s), _unstack(models[s], params, s)
@@ -625,7 +620,7 @@ def gd_closed_form(theta_tr: np.ndarray, theta_te_tr: np.ndarray, r0: np.ndarray
     return -theta_te_tr @ (vec @ (gain.reshape(-1, *([1] * (r0.ndim - 1))) * (vec.T @ r0)))
 
 
-def _rate_and_closed_form(model: MLP, x_tr: Tensor, x_te: Tensor, f0_tr: Tensor, f0_te: Tensor, subset: Subset,
+def _rate_and_closed_form(model: MLP, x_all: Tensor, f0_tr: Tensor, f0_te: Tensor, subset: Subset,
                           lam_analytic: float, cfg: RunConfig) -> tuple[float, float, np.ndarray | None]:
     """``(lr_critical, lr, lin_closed)`` of one seed at init.
 
@@ -636,20 +631,19 @@ def _rate_and_closed_form(model: MLP, x_tr: Tensor, x_te: Tensor, f0_tr: Tensor,
     otherwise). The blocks are dropped before the next seed: they grow as ``N n K^2``.
     """
     n, k_out = subset.y_train.shape
-    x_all = torch.cat([x_tr, x_te])
-    blocks = None
-    if n * k_out <= MAX_FULL_NTK:
-        blocks = empirical_ntk(model, x_all, x_tr, trace=False).double().cpu().numpy()
-        big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, n * k_out)
+    nk = n * k_out
+    full = nk <= MAX_FULL_NTK
+    if full:
+        blocks = empirical_ntk(model, x_all, x_all[:n], trace=False).double().cpu().numpy()
+        big = blocks.transpose(0, 2, 1, 3).reshape(len(x_all) * k_out, nk)  # a copy: blocks can go
         del blocks
-        nk = n * k_out
         lam_max = top_eigenvalue(big[:nk])
     else:
-        lam_max = top_ntk_eigenvalue(model, x_tr)
+        lam_max = top_ntk_eigenvalue(model, x_all[:n])
     lr_crit = 2.0 * n / max(lam_analytic, lam_max)
     lr = cfg.lr if cfg.lr is not None else cfg.effective_lr_scale * lr_crit
     closed = None
-    if n * k_out <= MAX_FULL_NTK and cfg.optimizer == "gd":
+    if full and cfg.optimizer == "gd":
         r0 = (f0_tr.double().cpu().numpy() - subset.y_train.astype(np.float64)).reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):  # a rate far above critical: the run diverges
             change = gd_closed_form(big[:nk], big[nk:], r0, lr / n, cfg.steps)
