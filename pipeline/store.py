@@ -139,10 +139,6 @@ class ResultsStore:
         return runs_path
 
     # -- Grams
-    @property
-    def grams_root(self) -> Path:
-        return self.root / GRAMS
-
     def probe_token(self) -> str:
         """Write (once) a marker file that a worker checks before it writes Grams here: a worker that
         does not see it is on a node where this results directory is some other, local folder."""
@@ -207,7 +203,8 @@ class GramWriter:
         self._checked = True
 
     def __call__(self, result: RunResult, model0, model_t, x_all) -> None:
-        """Write ``init`` (and ``final`` when the job stores it and the run did not diverge)."""
+        """Write ``init`` (and ``final`` when the job stores it and the run did not diverge). Each Gram is
+        computed again here, tile by tile: the run's measurements formed it in row panels and kept none."""
         if self.store == "none":
             return
         self.check()
