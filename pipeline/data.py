@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.preprocess import PREPROCESSING, preprocess_images
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
 SPLITS = ("train", "test")
-PREPROCESSING = ("standardize", "unit_norm", "raw01")
 NUM_CLASSES = 10
 PIXEL_MAX = {"mnist": 255, "fashion_mnist": 255, "cifar10": 255, "digits": 16}
 DATA_ENV_VAR = "NTK_SWEEP_DATA"
@@ -537,33 +537,6 @@ def _targets(labels: np.ndarray, k: int) -> np.ndarray:
     return (np.eye(k)[labels] - 1.0 / k).astype(np.float32)
 
 
-def preprocess_images(
-    x_train: np.ndarray, x_test: np.ndarray, method: str, pixel_max: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten images to ``(n, d)`` and preprocess them; returns float32 arrays.
-
-    ``standardize``: per-feature z-score with mean/std of the train rows (std 1 for constant features).
-    ``unit_norm``: every row scaled to squared norm ``d`` (all-zero rows stay zero). ``raw01``: pixels
-    divided by ``pixel_max`` (255, or 16 for digits).
-    """
-    a = x_train.reshape(len(x_train), -1).astype(np.float64) / pixel_max
-    b = x_test.reshape(len(x_test), -1).astype(np.float64) / pixel_max
-    if method == "standardize":
-        mean, std = a.mean(axis=0), a.std(axis=0)
-        std[std < 1e-12] = 1.0
-        a, b = (a - mean) / std, (b - mean) / std
-    elif method == "unit_norm":
-        a, b = (_scale_rows(m) for m in (a, b))
-    elif method != "raw01":
-        raise UserError(f"preprocess={method!r}: expected one of {', '.join(PREPROCESSING)}")
-    return a.astype(np.float32), b.astype(np.float32)
-
-
-def _scale_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x * (np.sqrt(x.shape[1]) / np.where(norms > 0, norms, 1.0))
-
-
 def _build_subset(
     name: str,
     root: Path,
@@ -683,7 +656,7 @@ def make_subset(
     Per class ``n // k`` examples, the first ``n % k`` classes of ``classes`` one more. ``classes`` None means
     all ten; two classes make a binary task (labels 0/1, one target column, ``classes[1]`` -> +1).
     ``label_noise`` replaces that fraction of the training labels (rounded to a count) by a uniformly random
-    other class; test labels are never noised. ``preprocess``: see :func:`preprocess_images`.
+    other class; test labels are never noised. ``preprocess``: see :func:`pipeline.preprocess.preprocess_images`.
 
     The result is cached in ``cache_dir`` (default :func:`default_cache_dir` of the data root) as
     ``<name>-<key>.npz``; a corrupt or unwritable cache is recomputed / skipped with a warning.

@@ -10,7 +10,7 @@ Rows of the Gram: the chosen split(s) in file order, train rows first, then test
   16 for digits), then each feature z-scored with the mean and standard deviation of the *train* split (the
   train split is read for its statistics even when only ``test`` is asked for; constant features get std 1).
   ``unit_norm`` scales every row to squared norm ``d``; ``raw01`` only divides. These are the definitions
-  of :func:`pipeline.data.preprocess_images`, evaluated here in row blocks (float64 per block, float32
+  of :func:`pipeline.preprocess.preprocess_images`, evaluated here in row blocks (float64 per block, float32
   out) so that the 70,000 x 784 MNIST inputs cost 220 MB and no float64 copy of the whole set.
 * ``--n-train A --n-test B``: the class-balanced, seeded subset of :func:`pipeline.data.make_subset`
   (``--seed``, same preprocessing names); the split(s) choose which of its parts become rows. ``--n N`` with

@@ -354,8 +354,9 @@ def test_cli_gram_on_real_mnist_subset(tmp_path, real_data, capsys):
 
 def test_cli_gram_whole_split_no_balancing(tmp_path):
     """--n all on scikit-learn's digits (no download): every row of both splits, standardised with the
-    train statistics exactly as pipeline.data.preprocess_images does."""
-    from pipeline.data import load_dataset, preprocess_images
+    train statistics exactly as pipeline.preprocess.preprocess_images does."""
+    from pipeline.data import load_dataset
+    from pipeline.preprocess import preprocess_images
 
     out = tmp_path / "d.zarr"
     argv = ["gram", "--dataset", "digits", "--split", "train+test", "--n", "all", "--depth", "2", "--kernel",
