@@ -86,7 +86,7 @@ def prepare_inputs(folder: Path, data_dir: str | None) -> Path:
 
     path = folder / "mnist70k.npy"
     if not path.exists():
-        x, _ = load_inputs("mnist", "train+test", preprocess="standardize", data_dir=data_dir)
+        x, _ = load_inputs("mnist", "train+test", preprocess="per_image", data_dir=data_dir)
         np.save(path, x)
     return path
 

@@ -6,12 +6,14 @@
 Rows of the Gram: the chosen split(s) in file order, train rows first, then test rows.
 
 * ``--n all`` (the default): every image of the split(s), no class balancing. Images are flattened and
-  preprocessed by ``--preprocess`` (default ``standardize``): pixels divided by the dataset's maximum (255;
-  16 for digits), then each feature z-scored with the mean and standard deviation of the *train* split (the
-  train split is read for its statistics even when only ``test`` is asked for; constant features get std 1).
-  ``unit_norm`` scales every row to squared norm ``d``; ``raw01`` only divides. These are the definitions
-  of :func:`pipeline.preprocess.preprocess_images`, evaluated here in row blocks (float64 per block, float32
-  out) so that the 70,000 x 784 MNIST inputs cost 220 MB and no float64 copy of the whole set.
+  preprocessed by ``--preprocess`` (default ``per_image``: pixels divided by the dataset's maximum, 255 or 16
+  for digits, then each image centred and scaled to unit variance over its features). ``standardize``
+  z-scores each feature with the mean and standard deviation of the *train* split (read for its statistics
+  even when only ``test`` is asked for; constant features get std 1), ``unit_norm`` scales every row to
+  squared norm ``d``, ``raw01`` only divides. These are the definitions of :mod:`pipeline.preprocess`,
+  evaluated here in row blocks (float64 per block, float32 out) so that the 70,000 x 784 MNIST inputs cost
+  220 MB and no float64 copy of the whole set. Methods other than ``per_image`` print a one-line warning when
+  the 1% largest-norm rows carry more than 10% of the NTK (:func:`pipeline.preprocess.warn_if_dominated`).
 * ``--n-train A --n-test B``: the class-balanced, seeded subset of :func:`pipeline.data.make_subset`
   (``--seed``, same preprocessing names); the split(s) choose which of its parts become rows. ``--n N`` with
   ``--split train`` (or ``test``) is a shorthand for ``--n-train N`` (``--n-test N``).
@@ -33,7 +35,7 @@ from pipeline.errors import UserError
 
 SPLIT_CHOICES = ("train", "test", "train+test")
 KINDS = ("ntk", "nngp")
-PREPROCESS = ("standardize", "unit_norm", "raw01")
+PREPROCESS = ("per_image", "standardize", "unit_norm", "raw01")  # pipeline.preprocess.PREPROCESSING
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")  # kernels.gram.COMPRESSORS, without importing it
 IMPLS = ("auto", "compiled", "fused", "generic")
 SCHEDULERS = ("threads", "sync", "ray")
@@ -52,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--n-train", type=int, default=None, help="class-balanced train subset size")
     data.add_argument("--n-test", type=int, default=None, help="class-balanced test subset size")
     data.add_argument("--seed", type=int, default=0, help="subset seed (with --n-train/--n-test); default 0")
-    data.add_argument("--preprocess", default="standardize", choices=PREPROCESS,
-                      help="standardize (default; train statistics), unit_norm or raw01")
+    data.add_argument("--preprocess", default="per_image", choices=PREPROCESS,
+                      help="per_image (default: each image centred, unit variance), standardize (per pixel, "
+                           "train statistics), unit_norm or raw01")
     data.add_argument("--data-dir", default=None,
                       help="dataset root (default: $NTK_SWEEP_DATA, else the user cache)")
 
@@ -136,16 +139,12 @@ def _preprocess_rows(images: Any, method: str, pixel_max: float, stats: tuple | 
     """Flatten and preprocess ``images`` into the float32 array ``out`` (same rows), block by block."""
     import numpy as np
 
+    from pipeline.preprocess import transform_rows
+
     flat = images.reshape(len(images), -1)
-    d = flat.shape[1]
     for lo in range(0, len(flat), _ROWS_PER_STEP):
         a = flat[lo : lo + _ROWS_PER_STEP].astype(np.float64) / pixel_max
-        if method == "standardize":
-            a = (a - stats[0]) / stats[1]
-        elif method == "unit_norm":
-            norms = np.linalg.norm(a, axis=1, keepdims=True)
-            a = a * (np.sqrt(d) / np.where(norms > 0, norms, 1.0))
-        out[lo : lo + len(a)] = a
+        out[lo : lo + len(a)] = transform_rows(a, method, stats)
 
 
 def load_inputs(
@@ -155,7 +154,7 @@ def load_inputs(
     n_train: int | None = None,
     n_test: int | None = None,
     seed: int = 0,
-    preprocess: str = "standardize",
+    preprocess: str = "per_image",
     data_dir: str | None = None,
 ) -> tuple[Any, dict]:
     """The Gram's input rows ``(N, d) float32`` and the attributes that identify them.
@@ -183,6 +182,10 @@ def load_inputs(
             _preprocess_rows(images[s], preprocess, pixel_max, stats, x[start : start + size])
             rows.append({"split": s, "start": start, "stop": start + size})
             start += size
+        if preprocess != "per_image":
+            from pipeline.preprocess import warn_if_dominated
+
+            warn_if_dominated(x, preprocess)
         attrs.update(n="all", rows=rows, pixel_max=pixel_max,
                      statistics="train split" if preprocess == "standardize" else None)
         return x, attrs

@@ -352,19 +352,22 @@ def test_cli_gram_on_real_mnist_subset(tmp_path, real_data, capsys):
     assert "0 tiles computed, 6 already done" in capsys.readouterr().out
 
 
-def test_cli_gram_whole_split_no_balancing(tmp_path):
-    """--n all on scikit-learn's digits (no download): every row of both splits, standardised with the
-    train statistics exactly as pipeline.preprocess.preprocess_images does."""
+@pytest.mark.parametrize("method", [None, "standardize"])
+def test_cli_gram_whole_split_no_balancing(tmp_path, method):
+    """--n all on scikit-learn's digits (no download): every row of both splits, preprocessed block by block
+    exactly as pipeline.preprocess.preprocess_images does (default per_image; standardize with the train
+    split's statistics)."""
     from pipeline.data import load_dataset
     from pipeline.preprocess import preprocess_images
 
     out = tmp_path / "d.zarr"
     argv = ["gram", "--dataset", "digits", "--split", "train+test", "--n", "all", "--depth", "2", "--kernel",
             "nngp", "--out", str(out), "--block", "512", "--no-progress"]
-    assert cli.main(argv) == 0
+    assert cli.main(argv + (["--preprocess", method] if method else [])) == 0
     x_tr, _ = load_dataset("digits", None, "train")
     x_te, _ = load_dataset("digits", None, "test")
-    a, b = preprocess_images(x_tr, x_te, "standardize", 16)
+    a, b = preprocess_images(x_tr, x_te, method or "per_image", 16)
+    assert gram_status(out, "nngp")["data"]["preprocess"] == (method or "per_image")
     dense = mlp_kernels(np.concatenate([a, b]).astype(np.float64), depth=2, get=("nngp",))["nngp"]
     g = open_gram(out, "nngp").compute()
     assert g.shape == (1797, 1797)
