@@ -647,7 +647,7 @@ def make_subset(
     n_test: int,
     seed: int,
     classes: Sequence[int] | None = None,
-    preprocess: str = "standardize",
+    preprocess: str = "per_image",
     label_noise: float = 0.0,
     cache_dir: str | Path | None = None,
 ) -> Subset:

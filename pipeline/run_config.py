@@ -32,7 +32,7 @@ class RunConfig(BaseModel):
     n_train: int = Field(256, gt=0)
     n_test: int = Field(256, gt=0)
     classes: tuple[int, ...] | None = None
-    preprocess: Literal["standardize", "unit_norm", "raw01"] = "standardize"
+    preprocess: Literal["per_image", "standardize", "unit_norm", "raw01"] = "per_image"
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
     data_seed: int = Field(0, ge=0)
     # architecture (the arguments of kernels.mlp.MLP and kernels.analytic.mlp_kernels)

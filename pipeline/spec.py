@@ -51,7 +51,7 @@ class DatasetSpec(_Strict):
     n_train: list[int] = Field(min_length=1)
     n_test: int = Field(gt=0)
     classes: list[int] | None = None
-    preprocess: Literal["standardize", "unit_norm", "raw01"] = "standardize"
+    preprocess: Literal["per_image", "standardize", "unit_norm", "raw01"] = "per_image"
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
     data_seed: int = Field(0, ge=0)
 
