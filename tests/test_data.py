@@ -340,13 +340,17 @@ def test_label_noise_only_on_train(tmp_path):
     np.testing.assert_allclose(noisy.y_train, np.eye(10)[noisy.labels_train] - 0.1, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["standardize", "unit_norm", "raw01"])
+@pytest.mark.parametrize("method", ["per_image", "standardize", "unit_norm", "raw01"])
 def test_preprocessing(tmp_path, method):
     s = make_subset("digits", None, n_train=100, n_test=50, seed=0, preprocess=method, cache_dir=tmp_path)
     if method == "unit_norm":
         np.testing.assert_allclose((s.x_test.astype(np.float64) ** 2).sum(axis=1), 64, rtol=1e-5)
     elif method == "raw01":
         assert s.x_train.min() >= 0 and s.x_train.max() == 1.0
+    elif method == "per_image":
+        for x in (s.x_train.astype(np.float64), s.x_test.astype(np.float64)):
+            np.testing.assert_allclose(x.mean(axis=1), 0, atol=1e-6)
+            np.testing.assert_allclose(x.std(axis=1), 1, rtol=1e-5)
     else:
         constant = s.x_train.std(axis=0) == 0  # digits have always-blank corner pixels
         assert constant.any() and np.all(s.x_train[:, constant] == 0)
