@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.run_config import RunConfig
+from pipeline.store import RUNS, ResultsStore, is_not_writable, write_parquet_atomic
 
 AGGREGATES = "aggregates"
 BY_WIDTH, SCALING, GP_INIT = "by_width", "scaling", "gp_init"
@@ -87,26 +88,16 @@ CI_METHODS = (CI_METHOD, "bootstrap_within_width")
 
 
 def read_table(results: str | Path, kind: str) -> pa.Table | None:
-    """Every Parquet part of ``RESULTS/<kind>/`` as one table, Hive partition columns (``dataset``)
-    added from the folder names; parts whose columns differ (a column added later) are unified,
-    missing values null. None if there is no part."""
-    base = Path(results) / kind
-    files = sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        return None
-    tables = []
-    for path in files:
-        table = pq.read_table(path)
-        for folder in path.relative_to(base).parts[:-1]:
-            key, sep, value = folder.partition("=")
-            if sep and key not in table.column_names:
-                table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
-        tables.append(table)
-    return pa.concat_tables(tables, promote_options="permissive")
+    """Every Parquet part of ``RESULTS/<kind>/`` that reads, as one table, through the results
+    layout's one reader (:meth:`pipeline.store.ResultsStore.table`: Hive partition columns such as
+    ``dataset`` from the folder names, columns unified, rows de-duplicated by run id, a part that does
+    not read skipped and named on stderr). None if there is no part."""
+    table = ResultsStore(results).table(kind)
+    return table if table.num_columns else None
 
 
 def runs_parts(results: str | Path) -> list[Path]:
-    return sorted((Path(results) / "runs").glob("*/*.parquet"))
+    return ResultsStore(results).parts(RUNS)
 
 
 def fingerprint(results: str | Path) -> str:
@@ -490,38 +481,69 @@ def compute(results: str | Path, *, n_boot: int = BOOTSTRAP, runs_table: pa.Tabl
     return by_width_table(runs), scaling_table(runs, n_boot=n_boot)
 
 
-def ensure_aggregates(results: str | Path, *, force: bool = False) -> bool:
-    """Write ``RESULTS/aggregates/{by_width,scaling,gp_init}.parquet`` if the runs changed since they
-    were computed (or ``force``). Returns True if they were recomputed. ``gp_init`` has zero rows
-    when no width has two seeds with stored outputs at init (results written before the ``outputs``
-    table existed)."""
-    from pipeline.store import write_parquet_atomic
-
-    root = Path(results)
-    if not root.is_dir():
-        raise UserError(f"{root}: not a results directory")
-    if not force and not is_stale(root):
-        return False
-    stamp = fingerprint(root)
+def _compute_all(root: Path) -> dict[str, pa.Table]:
+    """The three aggregate tables, fingerprinted in their schema metadata."""
     from pipeline.gp_init import gp_init_table
 
+    stamp = fingerprint(root)
     runs_table = read_table(root, "runs")
     tables = (*compute(root, runs_table=runs_table), gp_init_table(root, runs_table=runs_table))
     if fingerprint(root) != stamp:  # a sweep committed a part meanwhile: the next call recomputes
         stamp = "changed-while-computing"
     meta = {FINGERPRINT_KEY: stamp.encode(), b"ntk_sweep.aggregate_version": VERSION.encode()}
-    for name, table in zip(TABLES, tables, strict=True):
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    return {name: table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+            for name, table in zip(TABLES, tables, strict=True)}
+
+
+def _write_all(root: Path, tables: dict[str, pa.Table]) -> None:
+    for name, table in tables.items():
         write_parquet_atomic(table, aggregate_path(root, name))
+
+
+def ensure_aggregates(results: str | Path, *, force: bool = False) -> bool:
+    """Write ``RESULTS/aggregates/{by_width,scaling,gp_init}.parquet`` if the runs changed since they
+    were computed (or ``force``). Returns True if they were recomputed. ``gp_init`` has zero rows
+    when no width has two seeds with stored outputs at init (results written before the ``outputs``
+    table existed). See :func:`tables` for a results directory that cannot be written."""
+    root = Path(results)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a results directory")
+    if not force and not is_stale(root):
+        return False
+    _write_all(root, _compute_all(root))
     return True
+
+
+def tables(results: str | Path, *, refresh: bool = True) -> dict[str, pa.Table]:
+    """The aggregate tables (``by_width``, ``scaling``, ``gp_init``), up to date: read from
+    ``RESULTS/aggregates/`` when they are, else recomputed and written there, or, when the results
+    directory cannot be written (read-only), recomputed in memory only. ``refresh=False``: the stored
+    tables as they are (those that read). Raises :class:`UserError` when there are no runs."""
+    root = Path(results)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a results directory")
+    if not refresh or not is_stale(root):
+        stored = {}
+        for name in TABLES:
+            try:
+                stored[name] = pq.read_table(aggregate_path(root, name))
+            except (OSError, pa.ArrowException):
+                continue
+        if not refresh or len(stored) == len(TABLES):
+            return stored
+    computed = _compute_all(root)
+    try:
+        _write_all(root, computed)
+    except OSError as exc:
+        if not is_not_writable(exc):
+            raise
+    return computed
 
 
 def load(results: str | Path, name: str, *, refresh: bool = True):
     """One aggregate table (``"by_width"``, ``"scaling"`` or ``"gp_init"``) as a pandas DataFrame,
-    recomputed first if stale (``refresh``)."""
-    if refresh:
-        ensure_aggregates(results)
-    path = aggregate_path(results, name)
-    if not path.exists():
-        raise UserError(f"{path}: no such aggregate table")
-    return pq.read_table(path).to_pandas()
+    recomputed first if stale (``refresh``; in memory only when the results directory is read-only)."""
+    table = tables(results, refresh=refresh).get(name)
+    if table is None:
+        raise UserError(f"{aggregate_path(results, name)}: no such aggregate table")
+    return table.to_pandas()

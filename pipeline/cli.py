@@ -1,6 +1,7 @@
 """The ``ntk-sweep`` command line: argument parsing only; every command calls one library function.
 
 Errors from bad input (:class:`pipeline.errors.UserError`) print one line and exit with status 2.
+``run`` exits with status 3 when runs are still missing at its end (its last line gives the count).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_sweep
 
     summary = run_sweep(args.job, args.out, address=args.address, max_parallel=args.max_parallel,
-                        data_dir=args.data_dir, num_cpus=args.num_cpus)
-    print(summary.line())
+                        data_dir=args.data_dir, num_cpus=args.num_cpus, retry_failed=args.retry_failed)
     print(f"results: {args.out}  (ntk-sweep query {args.out} \"SELECT * FROM runs LIMIT 5\")")
-    return 130 if summary.interrupted else 0
+    print(summary.line())  # the last line: with "N missing" when runs are still missing (exit code 3)
+    return 130 if summary.interrupted else 3 if summary.missing else 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-parallel", type=int, default=None, help="at most this many tasks in flight")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     run.add_argument("--data-dir", default=None, help="dataset root (default: $NTK_SWEEP_DATA, else a user cache)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run the runs recorded status=failed again too (their new rows replace the failed ones)")
     run.set_defaults(func=_cmd_run)
 
     plan = sub.add_parser("plan", help="estimate a sweep's memory, FLOPs, time and disk, and check it against a "

@@ -40,25 +40,47 @@ FORMATS = ("table", "csv", "json", "parquet")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _sql_str(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+# Applied, in this order, once the tables are registered: after them the connection reads no file and
+# loads no extension (the tables are pyarrow datasets, read by pipeline.store, not by DuckDB), and no
+# setting can be changed back.
+LOCKDOWN = (
+    "SET python_enable_replacements = false",  # no Python variables as tables
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allowed_directories = []",
+    "SET allowed_paths = []",
+    "SET enable_external_access = false",  # no file, URL, ATTACH, COPY TO, INSTALL or LOAD
+    "SET lock_configuration = true",
+)
 
 
-def table_sources(results: str | Path) -> dict[str, str]:
-    """View name -> DuckDB ``read_parquet(...)`` expression, for every table present in ``results``."""
+def table_sources(results: str | Path, *, refresh: bool = False) -> dict:
+    """View name -> what DuckDB scans for it: a lazy pyarrow dataset over the parts that read, or an
+    in-memory Arrow table (de-duplicated rows, or aggregates computed but not stored), for every
+    table present in ``results``; all read through :class:`pipeline.store.ResultsStore`. ``refresh``:
+    recompute stale aggregates (when there are runs)."""
+    from pipeline import aggregate
+    from pipeline.store import BadPart, ResultsStore, warn_bad_parts
+
     root = Path(results)
-    sources: dict[str, str] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name == "aggregates" or folder.name.endswith(".zarr") or not _IDENT.match(folder.name):
-            continue
-        if any(folder.glob("*/*.parquet")):  # Hive-partitioned parts: RESULTS/<name>/<key>=<value>/*.parquet
-            glob = _sql_str(folder / "*" / "*.parquet")
-            sources[folder.name] = f"read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
-        elif any(folder.glob("*.parquet")):
-            sources[folder.name] = f"read_parquet({_sql_str(folder / '*.parquet')}, union_by_name = true)"
-    for path in sorted((root / "aggregates").glob("*.parquet")):
-        if _IDENT.match(path.stem) and path.stem not in sources:
-            sources[path.stem] = f"read_parquet({_sql_str(path)})"
+    store = ResultsStore(root)
+    sources: dict = {}
+    bad: list[BadPart] = []
+    for kind in store.kinds():
+        if _IDENT.match(kind):
+            source = store.scan(kind, bad=bad)
+            if source is not None:
+                sources[kind] = source
+    warn_bad_parts(bad)  # every part that does not read, in one line
+    have_runs = bool(store.runs_index().status)
+    stored = aggregate.tables(root, refresh=refresh and have_runs)
+    for name, table in stored.items():
+        sources.setdefault(name, table)
+    for path in sorted((root / aggregate.AGGREGATES).glob("*.parquet")):  # any other stored aggregate
+        if _IDENT.match(path.stem) and path.stem not in sources and path.stem not in aggregate.TABLES:
+            other = store.scan_file(path)  # named on stderr if it does not read
+            if other is not None:
+                sources[path.stem] = other
     return sources
 
 
@@ -67,20 +89,20 @@ def _mentions(sql: str, names: tuple[str, ...]) -> bool:
 
 
 def connect(results: str | Path, *, refresh: bool = True):
-    """An in-memory DuckDB connection with a view per table of ``results`` (see the module docstring).
-    ``refresh``: recompute stale aggregates first (when there are runs)."""
+    """An in-memory DuckDB connection with a view per table of ``results`` (see the module docstring),
+    locked down (:data:`LOCKDOWN`): it can read those tables and nothing else on disk or the network,
+    write no file, attach no database and load no extension. ``refresh``: recompute stale aggregates
+    first (when there are runs; in memory only when the results directory is read-only)."""
     import duckdb
-
-    from pipeline import aggregate
 
     root = Path(results)
     if not root.is_dir():
         raise UserError(f"{root}: not a results directory")
-    if refresh and aggregate.runs_parts(root):
-        aggregate.ensure_aggregates(root)
-    con = duckdb.connect(":memory:")
-    for name, source in table_sources(root).items():
-        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {source}')
+    con = duckdb.connect(":memory:", config={"temp_directory": ""})  # no spill folder to write into either
+    for name, source in table_sources(root, refresh=refresh).items():
+        con.register(name, source)
+    for statement in LOCKDOWN:
+        con.execute(statement)
     return con
 
 
@@ -88,8 +110,10 @@ def query(results: str | Path, sql: str, *, refresh: bool = True):
     """Run ``sql`` (DuckDB dialect) over the tables of ``results``; returns a pandas DataFrame.
 
     Raises :class:`UserError` for a missing results directory, a table that does not exist (yet),
-    or any SQL error (with DuckDB's message). ``refresh``: recompute stale aggregates first if the
-    SQL names one of the aggregates (``by_width``, ``scaling``, ``gp_init``).
+    anything outside the results' tables (files, URLs, ATTACH, COPY TO, INSTALL/LOAD, settings) or any
+    SQL error (with DuckDB's message). ``refresh``: recompute stale aggregates first if the SQL names
+    one of them (``by_width``, ``scaling``, ``gp_init``). A part that does not read is named on
+    stderr and left out; the other tables are served.
     """
     import duckdb
 
@@ -103,14 +127,23 @@ def query(results: str | Path, sql: str, *, refresh: bool = True):
         missing = re.search(r'Table with name "?([^"\s]+)"? does not exist', str(exc))
         if missing:
             name = missing.group(1)
-            present = ", ".join(table_sources(root)) or "none"
+            present = ", ".join(sorted(_views(con))) or "none"
             hint = f" (it appears once {_where(root, name)} exists)" if name in CORE_TABLES else ""
             raise UserError(f"{root}: no table {name!r}{hint}; tables: {present}") from None
         raise UserError(f"SQL error: {_one_line(exc)}") from None
+    except duckdb.PermissionException as exc:
+        raise UserError(f"query: not allowed: {_one_line(exc)} (a query reads the tables of {root} only: "
+                        f"{', '.join(sorted(_views(con))) or 'none'})") from None
     except duckdb.Error as exc:
+        if "configuration has been locked" in str(exc):
+            raise UserError(f"query: not allowed: {_one_line(exc)}") from None
         raise UserError(f"SQL error: {_one_line(exc)}") from None
     finally:
         con.close()
+
+
+def _views(con) -> list[str]:
+    return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
 
 
 def _where(root: Path, name: str) -> str:

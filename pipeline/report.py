@@ -97,30 +97,32 @@ def main(args: argparse.Namespace) -> int:
 
 def build_report(results: str | Path, out: str | Path | None = None, *, max_groups: int = 8) -> Path:
     """Aggregate ``results`` if stale, draw every plot into ``out`` (default ``RESULTS/report``) and
-    write ``report.md`` there. Returns the path of ``report.md``."""
-    import pyarrow.parquet as pq
-
+    write ``report.md`` there. Returns the path of ``report.md``. A read-only ``results`` works with
+    another ``out``: the aggregates are then computed in memory."""
     from pipeline import aggregate
     from pipeline.errors import UserError
 
     root = Path(results)
     if not root.is_dir():
         raise UserError(f"{root}: not a results directory")
-    aggregate.ensure_aggregates(root)
+    # Up to date; computed in memory only when the results directory is read-only.
+    tables = aggregate.tables(root)
     out = Path(out) if out is not None else root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    by_width = pq.read_table(aggregate.aggregate_path(root, aggregate.BY_WIDTH)).to_pandas()
-    scaling = pq.read_table(aggregate.aggregate_path(root, aggregate.SCALING)).to_pandas()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the report ({exc.strerror or exc}); give a writable --out") from None
+    by_width = tables[aggregate.BY_WIDTH].to_pandas()
+    scaling = tables[aggregate.SCALING].to_pandas()
     runs_table = aggregate.read_table(root, "runs")
     runs = aggregate.split_runs(runs_table)
     curves = aggregate.read_table(root, "curves")
     spectral = aggregate.read_table(root, "spectral")
-    gp_path = aggregate.aggregate_path(root, aggregate.GP_INIT)
     gp, gp_skipped = None, {}
-    if gp_path.exists():
+    if aggregate.GP_INIT in tables:
         from pipeline.gp_init import skipped_groups
 
-        gp_table = pq.read_table(gp_path)
+        gp_table = tables[aggregate.GP_INIT]
         gp, gp_skipped = gp_table.to_pandas(), skipped_groups(gp_table)
     groups = _groups(runs)
     notes: list[str] = []

@@ -7,9 +7,16 @@ receives both by reference. Results come back to the driver, which writes them a
 (:mod:`pipeline.store`), so a cluster needs no shared filesystem.
 
 Failures: an exception inside a run is deterministic; :func:`pipeline.train.train_runs` records it
-as ``status="failed"`` and the sweep goes on (``retry_exceptions`` is off). A worker that dies
-(OOM, lost node) is retried ``max_retries`` times; if it still fails, its runs stay missing and a
-re-run of the same command tries them again.
+as ``status="failed"`` and the sweep goes on (``retry_exceptions`` is off); ``retry_failed`` runs them
+again, and their new rows supersede the failed ones (:meth:`pipeline.store.ResultsStore.supersede`).
+A worker that dies (OOM, lost node) is retried ``max_retries`` times; if it still fails, its runs
+stay missing and a re-run of the same command tries them again.
+
+Re-runs and shared directories: a re-run first moves every part that does not read to
+``RESULTS/quarantine/`` (with the rest of its pack) and runs that pack's runs again; it claims the
+runs it is about to run (:class:`pipeline.store.RunClaims`), so a run that another live sweep is
+running into the same directory is left to it (and counted missing here); a re-run with nothing to
+do writes nothing.
 
 Ray set-up: usage stats are off. Ray >= 2.59 enables token authentication for local clusters by
 default; we keep it (``ray.init`` generates the token) and bind the dashboard to 127.0.0.1, so
@@ -19,6 +26,7 @@ for any Ray client (``RAY_AUTH_TOKEN`` or ``ray get-auth-token``), see cluster.y
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -33,7 +41,7 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
 from pipeline.run_config import RunConfig, analytic_args, make_packs, subset_args  # noqa: E402,F401
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
-from pipeline.store import GramWriter, ResultsNotShared, ResultsStore  # noqa: E402
+from pipeline.store import GramWriter, ResultsNotShared, ResultsStore, RunClaims, is_not_writable  # noqa: E402
 
 
 @dataclass
@@ -44,10 +52,14 @@ class SweepSummary:
     missing: int = 0
     wall_s: float = 0.0
     interrupted: bool = False
+    elsewhere: int = 0  # of the missing: runs another live sweep into the same directory is running
+    quarantined: int = 0  # parts moved to RESULTS/quarantine/ because they did not read
 
     def line(self) -> str:
+        """One line: counts of the runs; ``N missing`` whenever some runs have no row yet."""
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())) or "nothing new"
-        extra = f"; {self.missing} missing (re-run to retry)" if self.missing else ""
+        other = f", {self.elsewhere} being run by another sweep" if self.elsewhere else ""
+        extra = f"; {self.missing} missing ({'re-run to retry' + other})" if self.missing else ""
         stop = " (interrupted)" if self.interrupted else ""
         return (f"{self.total} runs: {self.skipped} already done, {counts}{extra} "
                 f"in {self.wall_s:.1f} s{stop}")
@@ -96,13 +108,15 @@ def run_sweep(
     data_dir: str | None = None,
     num_cpus: int | None = None,
     progress: bool | None = None,
+    retry_failed: bool = False,
 ) -> SweepSummary:
     """Run every missing run of ``job`` into the results directory ``out``.
 
-    Validates everything (job fields, dataset files, subset sizes) before writing anything; raises
-    :class:`UserError` for bad input. ``address``: a Ray cluster to connect to (else a local Ray on
-    this machine with ``num_cpus`` CPUs, default all). ``max_parallel``: at most this many tasks in
-    flight (default: as many as fit).
+    Validates everything (job fields, dataset files, subset sizes, a writable ``out``) before writing
+    anything; raises :class:`UserError` for bad input. ``address``: a Ray cluster to connect to (else
+    a local Ray on this machine with ``num_cpus`` CPUs, default all). ``max_parallel``: at most this
+    many tasks in flight (default: as many as fit). ``retry_failed``: run the runs recorded
+    ``failed`` again too. Writes nothing when every run is done and the recorded job is the same.
     """
     from tqdm import tqdm
 
@@ -118,34 +132,83 @@ def run_sweep(
         if key not in subsets:
             subsets[key] = load_subset(r)
 
-    done = store.done_run_ids()
+    resolved = sweep.model_dump(mode="json")
+    bad = store.unreadable_parts() if store.root.is_dir() else []
+    index = store.runs_index()
+    done = index.done(retry_failed) - store.redo_run_ids(bad, index)
     todo = [r for r in runs if r.run_id not in done]
     summary = SweepSummary(total=len(runs), skipped=len(runs) - len(todo))
-    if not todo:
+    if not todo and not bad and not store.sweep_changed(sweep.name, resolved):
         summary.wall_s = time.perf_counter() - start
-        return summary
+        return summary  # nothing to do: nothing written
+    store.check_writable()
 
     import ray
 
     from pipeline.plan import estimate_analytic, estimate_pack
 
-    init_ray(address, num_cpus)
     res = sweep.resources
     dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
-    packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
-    # Ray's memory= from the plan's estimate of each task's peak, so that a node never takes more
-    # tasks than its memory holds; the check below fails at once on what no node (or node type) can hold.
-    pack_memory = [estimate_pack(p, *dims[subset_args(p[0])], store=sweep.kernels.store, num_cpus=res.num_cpus,
-                                 num_gpus=res.num_gpus).host_peak_bytes for p in packs]
-    analytic_memory = {analytic_args(r): estimate_analytic(r, *dims[subset_args(r)]) for r in todo}
-    largest = max(pack_memory + list(analytic_memory.values()))
-    waiting = check_task_fits({"CPU": res.num_cpus, "GPU": res.num_gpus, "memory": largest},
-                              local=address is None, what=str(job) if not isinstance(job, Sweep) else sweep.name)
-    if waiting:
-        print(f"{sweep.name}: {waiting}", file=sys.stderr, flush=True)
+
+    def plan(todo: list[RunConfig]) -> tuple[list[list[RunConfig]], list[int], dict[tuple, int]]:
+        """Packs of ``todo``, each pack's Ray ``memory=`` (the plan's estimate of its peak, so that a node
+        never takes more tasks than its memory holds), and each analytic task's."""
+        packs = make_packs(todo, res.pack_seeds, res.pack_max_width)
+        pack_memory = [estimate_pack(p, *dims[subset_args(p[0])], store=sweep.kernels.store,
+                                     num_cpus=res.num_cpus, num_gpus=res.num_gpus).host_peak_bytes for p in packs]
+        analytic_memory = {analytic_args(r): estimate_analytic(r, *dims[subset_args(r)]) for r in todo}
+        return packs, pack_memory, analytic_memory
+
+    if todo:
+        init_ray(address, num_cpus)
+        _, pack_memory, analytic_memory = plan(todo)
+        # The check below fails at once on what no node (or node type) can hold.
+        largest = max(pack_memory + list(analytic_memory.values()))
+        waiting = check_task_fits({"CPU": res.num_cpus, "GPU": res.num_gpus, "memory": largest},
+                                  local=address is None, what=str(job) if not isinstance(job, Sweep) else sweep.name)
+        if waiting:
+            print(f"{sweep.name}: {waiting}", file=sys.stderr, flush=True)
     # Only now, with every check passed, is anything written.
-    store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
-    store.remove_orphans()
+    claims = RunClaims(store)
+    try:
+        try:
+            with claims.locked():
+                moved = store.quarantine(bad)
+                store.write_sweep(sweep.name, resolved)
+                held = claims.claim(r.run_id for r in todo)
+                index = store.runs_index()  # what other sweeps committed meanwhile
+                done = index.done(retry_failed)
+                claims.release(held & done)
+                store.remove_orphans(claims)
+                superseded = index.rels_of(r.run_id for r in todo) if retry_failed else {}
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the results directory ({exc.strerror or exc}: "
+                            f"{exc.filename or out})") from None
+        if moved:
+            summary.quarantined = len(moved)
+            print(f"{out}: {len(bad)} part(s) that did not read moved to {store.root / 'quarantine'} with the rest "
+                  f"of their packs ({len(moved)} files, {bad[0].path.name}: {bad[0].reason}); their runs are run "
+                  "again", file=sys.stderr, flush=True)
+        fresh = [r for r in todo if r.run_id in done]
+        summary.skipped += len(fresh)
+        summary.elsewhere = sum(1 for r in todo if r.run_id not in claims.held and r.run_id not in done)
+        summary.missing += summary.elsewhere
+        todo = [r for r in todo if r.run_id in claims.held]
+        if todo:
+            _run_packs(sweep, store, claims, todo, plan(todo), subsets, summary, superseded,
+                       max_parallel=max_parallel, progress=progress, out=out, tqdm=tqdm, total=len(runs), ray=ray)
+    finally:
+        claims.close()
+        summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[RunConfig], planned: tuple,
+               subsets: dict, summary: SweepSummary, superseded: dict[str, set[str]], *, max_parallel: int | None,
+               progress: bool | None, out: str | Path, tqdm, total: int, ray) -> None:
+    """Submit the packs of ``todo`` (claimed by ``claims``) to Ray and commit each as it finishes."""
+    res = sweep.resources
+    packs, pack_memory, analytic_memory = planned
     # A GPU task gets a fresh worker, as Ray does for @ray.remote(num_gpus=...): torch's caching
     # allocator would otherwise keep the previous task's GPU memory. (max_calls is not an .options() field.)
     train_task = ray.remote(max_calls=1)(_train_task) if res.num_gpus > 0 else ray.remote(_train_task)
@@ -153,8 +216,9 @@ def run_sweep(
     common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
     writer = GramWriter(store.root.resolve(), sweep.kernels.store,
                         store.probe_token() if sweep.kernels.store != "none" else None)
+    dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
 
-    subset_refs = {key: ray.put(s) for key, s in subsets.items()}
+    subset_refs = {key: ray.put(s) for key, s in subsets.items() if any(subset_args(r) == key for r in todo)}
     analytic_refs: dict[tuple, object] = {}
     for r in todo:
         key = analytic_args(r)
@@ -169,7 +233,7 @@ def run_sweep(
     # limits concurrency by the declared resources, and an autoscaler sees the sweep's whole demand.
     slots = max_parallel or len(packs)
     pending: dict = {}
-    bar = tqdm(total=len(runs), initial=summary.skipped, unit="run", disable=progress is False,
+    bar = tqdm(total=total, initial=summary.skipped, unit="run", disable=progress is False,
                dynamic_ncols=True, desc=sweep.name)
 
     def submit(pack: list[RunConfig], memory: int) -> None:
@@ -185,6 +249,7 @@ def run_sweep(
                 submit(*queue.pop())
             ready, _ = ray.wait(list(pending), num_returns=1)
             pack = pending.pop(ready[0])
+            ids = [r.run_id for r in pack]
             try:
                 results = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # worker death after retries: leave missing
@@ -192,11 +257,23 @@ def run_sweep(
                     for ref in pending:
                         ray.cancel(ref, force=True)
                     raise UserError(f"{out}: {exc.cause}") from None
+                claims.release(ids)
                 summary.missing += len(pack)
                 bar.write(f"{len(pack)} run(s) lost ({type(exc).__name__}); a re-run retries them")
                 bar.update(len(pack))
                 continue
-            store.write_pack(results)
+            try:
+                path = store.write_pack(results)
+                rels = set().union(*(superseded.get(i, set()) for i in ids))
+                if rels:
+                    with claims.locked():
+                        store.supersede(ids, path, rels)
+            except OSError as exc:
+                if not is_not_writable(exc) and exc.errno != errno.ENOSPC:
+                    raise
+                raise UserError(f"{out}: cannot write results ({exc.strerror}: {exc.filename or out}); "
+                                "re-run to resume") from None
+            claims.release(ids)
             summary.status.update(r.status for r in results)
             bar.update(len(results))
             bar.set_postfix({k: v for k, v in summary.status.items()}, refresh=False)
@@ -207,8 +284,6 @@ def run_sweep(
         summary.missing += sum(len(p) for p in pending.values()) + sum(len(p) for p, _ in queue)
     finally:
         bar.close()
-        summary.wall_s = time.perf_counter() - start
-    return summary
 
 
 def _jobs_client(address: str):
