@@ -8,15 +8,15 @@ Methods (pixels are first divided by the dataset's maximum, 255 or 16 for digits
 * ``standardize``: per-feature z-score with the mean and std of the train rows (std 1 for constant
   features). Kept for comparison: on MNIST, pixels that are almost constant in the train rows get a tiny std,
   and test images with ink there reach ``|x|^2/d`` in the thousands; the 1% largest-norm points then carry
-  99.8% of ``|Theta|_F^2`` (measured by ``bench/preprocess_share.py``). :func:`warn_if_dominated` says so.
+  99.7% of ``|Theta|_F^2`` (measured by ``bench/preprocess_share.py``). :func:`warn_if_dominated` says so.
 * ``unit_norm``: every row scaled to squared norm ``d`` (not centred; all-zero rows stay zero).
 * ``raw01``: pixels divided by the maximum only.
 
 Why ``per_image``: among the candidates the issue named (variance floor, global scalar standardisation,
 per-image normalisation, regularised ZCA), measured as the share of the depth-2 ReLU NTK's ``|Theta|_F^2``
-(train ++ test) in the rows and columns of the 1% largest-norm points: MNIST 1,000 + 2,000 -> per_image 1.9%,
-ZCA 2.0%, global 4.9%, variance floor (10% of the rms std) 15%, standardize 99.8%; CIFAR-10 1,000 + 800 ->
-per_image 2.2%, ZCA 2.0%, standardize 8.4%. Per-image is as flat as ZCA without a ``d x d`` whitening fitted
+(train ++ test) in the rows and columns of the 1% largest-norm points (``bench/preprocess_share.py``):
+MNIST 1,000 + 2,000 -> per_image 1.9%, ZCA 2.0%, global 4.8%, variance floor (10% of the rms std) 16%,
+standardize 99.7%; CIFAR-10 1,000 + 800 -> per_image 2.0%, ZCA 2.0%, standardize 8.4%. Per-image is as flat as ZCA without a ``d x d`` whitening fitted
 on the train rows (which an MLP does not need), and the same rule Lee et al. 2020 apply before their ZCA.
 """
 

@@ -78,5 +78,5 @@ def test_real_images_no_one_percent_carries_the_kernel(tmp_path, name, n_train, 
         s = make_subset(name, DATA, n_train=n_train, n_test=n_test, seed=0, preprocess=method, cache_dir=tmp_path)
         shares[method] = top_share(np.concatenate([s.x_train, s.x_test]).astype(np.float64))
     assert shares["per_image"] <= SHARE_LIMIT
-    if name == "mnist":  # the reason for the change: 99.8% measured
+    if name == "mnist":  # the reason for the change: 99.7% measured
         assert shares["standardize"] > 0.5
