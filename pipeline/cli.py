@@ -16,13 +16,16 @@ from pipeline.errors import UserError
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.fetch import fetch_dataset
 
-    fetch_dataset(args.name, args.root, mirror=args.mirror)
+    fetch_dataset(args.name, args.root, mirror=args.mirror, stall_s=args.stall_timeout)
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_sweep
 
+    for flag, value in (("--max-parallel", args.max_parallel), ("--num-cpus", args.num_cpus)):
+        if value is not None and value < 1:  # before anything is read or written
+            raise UserError(f"{flag}: must be a positive integer, got {value}")
     summary = run_sweep(args.job, args.out, address=args.address, max_parallel=args.max_parallel,
                         data_dir=args.data_dir, num_cpus=args.num_cpus, retry_failed=args.retry_failed)
     print(f"results: {args.out}  (ntk-sweep query {args.out} \"SELECT * FROM runs LIMIT 5\")")
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", help="mnist, fashion_mnist or cifar10")
     fetch.add_argument("--root", required=True, help="data directory to write into")
     fetch.add_argument("--mirror", default=None, help="base URL to download from instead of the default")
+    fetch.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",  # pipeline.fetch.STALL_S
+                       help="fail a transfer that gets less than 64 KiB in this many seconds (default %(default)s)")
     fetch.set_defaults(func=_cmd_data_fetch)
 
     from pipeline import gram_job  # light module: heavy imports happen inside its main()

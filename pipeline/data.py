@@ -13,18 +13,26 @@ Datasets (all ten classes, labels 0..9):
   randomness: within each class, in scikit-learn's order, every fourth example (ranks 3, 7, 11, ...) is a test
   example; that gives 1,352 train and 445 test images ``(N, 8, 8) uint8``.
 
-:func:`make_subset` draws class-balanced, seeded subsets and caches them as one ``.npz`` per argument set.
+:func:`make_subset` draws class-balanced, seeded subsets and caches them as one ``.npz`` per argument set, in
+the user cache directory (``$XDG_CACHE_HOME/ntk-sweep/subsets``); the data directory is only ever read.
+
+Bad files are one-line errors (:class:`~pipeline.errors.UserError`) naming the file: unreadable (permissions), wrong
+magic number, header dimensions that do not fit the format (:data:`MAX_IDX_BYTES`), truncated, or larger than
+their header says. A gzipped IDX file is decompressed in a stream and never past the size its header implies,
+so a gzip bomb costs no more memory than an honest file; CIFAR-10 batches are refused above the size of
+:data:`MAX_CIFAR_ROWS` records before they are read.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import pickle
-import stat
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -43,8 +51,8 @@ SPLITS = ("train", "test")
 NUM_CLASSES = 10
 PIXEL_MAX = {"mnist": 255, "fashion_mnist": 255, "cifar10": 255, "digits": 16}
 DATA_ENV_VAR = "NTK_SWEEP_DATA"
-CACHE_DIRNAME = ".ntk_sweep_cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: keyed on the source files' sha256 (1: their names and sizes)
+HASH_INDEX = "source-hashes.json"
 
 _IDX_IMAGES_MAGIC = 0x803  # unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 0x801  # unsigned bytes, 1 dimension
@@ -59,6 +67,10 @@ _CIFAR_DIRS = {"py": "cifar-10-batches-py", "bin": "cifar-10-batches-bin"}
 _CIFAR_SUFFIX = {"py": "", "bin": ".bin"}
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _CIFAR_PIXELS = 3 * 32 * 32
+MAX_CIFAR_ROWS = 10_000  # records per batch file, as in the official batches
+_CIFAR_PICKLE_OVERHEAD = 1 << 20  # labels list, file names and keys of a python batch: ~0.3 MB officially
+# An IDX file above this size (after decompression) is refused from its header; MNIST's largest is 47 MB.
+MAX_IDX_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------- locations
@@ -103,15 +115,29 @@ def _how_to_get(name: str, root: Path) -> str:
 # --------------------------------------------------------------------------------------------- IDX files
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """The file's bytes, decompressed when it starts with the gzip magic number."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+def _open_input(path: Path):
+    """``open(path, "rb")``; an unreadable file (permissions, a folder, gone) is a one-line :class:`UserError`."""
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+        return open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read dataset file ({exc.strerror or exc})") from None
+
+
+def _read_up_to(stream, n: int, path: Path) -> bytes:
+    """Up to ``n`` bytes (fewer only at the end of the stream); gzip and I/O errors become a :class:`UserError`."""
+    parts, got = [], 0
+    try:
+        while got < n:
+            chunk = stream.read(min(n - got, 1 << 24))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise UserError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read dataset file ({exc.strerror or exc})") from None
+    return b"".join(parts)
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -119,27 +145,44 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
 
     ``magic`` is the expected magic number: ``0x803`` (2051) for ``(N, rows, cols)`` images, ``0x801``
     (2049) for ``(N,)`` labels. Returns a writable uint8 array with the dimensions from the header.
-    Raises :class:`UserError` naming the file on a wrong magic number or a size that does not match.
+    Raises :class:`UserError` naming the file on a wrong magic number, header dimensions above
+    :data:`MAX_IDX_BYTES`, or a size that does not match them. A gzipped file is decompressed as a stream,
+    never past one byte beyond what its header implies (a gzip bomb costs no more memory than its header says).
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 4:
-        raise UserError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise UserError(f"{path}: not the expected IDX file (magic number {found}, expected {magic})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes, {header} needed)")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
+    with _open_input(path) as raw_file:
+        gzipped = _read_up_to(raw_file, 2, path) == b"\x1f\x8b"
+        raw_file.seek(0)
+        stream = gzip.GzipFile(fileobj=raw_file, mode="rb") if gzipped else raw_file
+        head = _read_up_to(stream, 4, path)
+        if len(head) < 4:
+            raise UserError(f"{path}: truncated IDX file ({len(head)} bytes, no header)")
+        found = int.from_bytes(head, "big")
+        if found != magic:
+            raise UserError(f"{path}: not the expected IDX file (magic number {found}, expected {magic})")
+        ndim = head[3]
+        header = 4 + 4 * ndim
+        dim_bytes = _read_up_to(stream, 4 * ndim, path)
+        if len(dim_bytes) < 4 * ndim:
+            raise UserError(f"{path}: truncated IDX header ({4 + len(dim_bytes)} bytes, {header} needed)")
+        dims = tuple(int.from_bytes(dim_bytes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+        expected = header + math.prod(dims)  # Python ints: no overflow
+        if expected - header > MAX_IDX_BYTES:
+            raise UserError(f"{path}: IDX header dimensions {dims} imply {expected - header:,} bytes, more than the "
+                            f"{MAX_IDX_BYTES:,} an IDX file may have here; the file is corrupt")
+        if not gzipped:
+            size = os.fstat(raw_file.fileno()).st_size
+            if size != expected:
+                raise UserError(f"{path}: IDX size {size} bytes does not match its dimensions {dims} ({expected} "
+                                "bytes expected); the file is truncated or corrupt")
+        body = _read_up_to(stream, expected - header + 1, path)  # one byte more tells a longer stream
+    if len(body) != expected - header:
+        got = f"{header + len(body)} bytes" if len(body) <= expected - header else "more bytes"
         raise UserError(
-            f"{path}: IDX size {len(raw)} bytes does not match its dimensions {dims} ({expected} bytes "
-            "expected); the file is truncated or corrupt"
+            f"{path}: IDX size ({got}) does not match its dimensions {dims} ({expected} bytes expected); the file "
+            "is truncated or corrupt" + (" (decompression stopped there)" if gzipped and got == "more bytes" else "")
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
 def _idx_dirs(root: Path, name: str) -> list[Path]:
@@ -182,7 +225,10 @@ def _refuse_other_idx_dataset(root: Path, name: str, paths: Sequence[Path]) -> N
     for path in paths:
         if path.parent != root or path.suffix != ".gz":
             continue
-        digest = md5sum(path)
+        try:
+            digest = md5sum(path)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read dataset file ({exc.strerror or exc})") from None
         for other, table in CHECKSUMS.items():
             if other != name and table.get(path.name) == digest:
                 raise UserError(
@@ -268,9 +314,14 @@ def read_cifar_python_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     array ones is refused (:class:`UserError`) before anything from it runs.
     """
     path = Path(path)
+    limit = MAX_CIFAR_ROWS * (1 + _CIFAR_PIXELS) + _CIFAR_PICKLE_OVERHEAD
+    with _open_input(path) as fh:
+        raw = _read_up_to(fh, limit + 1, path)
+    if len(raw) > limit:
+        raise UserError(f"{path}: larger than a CIFAR-10 python batch of {MAX_CIFAR_ROWS:,} images can be "
+                        f"({limit:,} bytes); refused before unpickling")
     try:
-        with path.open("rb") as fh:
-            batch = _RestrictedUnpickler(fh, encoding="latin1").load()
+        batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except RefusedPickle as exc:
         raise UserError(f"{path}: unsafe pickle, {exc}; it was not loaded") from None
     except Exception as exc:  # a corrupt pickle can fail in many ways
@@ -302,8 +353,12 @@ def read_cifar_binary_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Returns images ``(N, 32, 32, 3) uint8`` and labels ``(N,) int64``; N is the file size / 3073.
     """
     path = Path(path)
-    raw = path.read_bytes()
     record = 1 + _CIFAR_PIXELS
+    with _open_input(path) as fh:
+        raw = _read_up_to(fh, MAX_CIFAR_ROWS * record + 1, path)
+    if len(raw) > MAX_CIFAR_ROWS * record:
+        raise UserError(f"{path}: larger than a CIFAR-10 binary batch of {MAX_CIFAR_ROWS:,} records can be "
+                        f"({MAX_CIFAR_ROWS * record:,} bytes)")
     if not raw or len(raw) % record:
         raise UserError(
             f"{path}: size {len(raw)} bytes is not a whole number of {record}-byte CIFAR-10 records"
@@ -386,15 +441,83 @@ def load_dataset(name: str, root: str | Path | None, split: str) -> tuple[np.nda
     return load_idx_dataset(root, name, split)
 
 
-def _source_fingerprint(name: str, root: Path) -> list[list]:
-    """``[[file name, size], ...]`` of the files a dataset is read from (so a cache key tracks them)."""
+def source_files(name: str, root: Path) -> list[Path]:
+    """The files a dataset is read from (both splits); for digits, scikit-learn's data file."""
     if name == "digits":
-        return [["sklearn.datasets.load_digits", 1797]]
+        import sklearn.datasets
+
+        return [Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"]
     if name == "cifar10":
-        paths = [p for s in SPLITS for p in locate_cifar10(root, s)[1]]
-    else:
-        paths = [p for s in SPLITS for p in locate_idx(root, name, s)]
-    return [[p.name, p.stat().st_size] for p in paths]
+        return [p for s in SPLITS for p in locate_cifar10(root, s)[1]]
+    return [p for s in SPLITS for p in locate_idx(root, name, s)]
+
+
+def _stat_key(path: Path) -> list[int]:
+    """What says that a file is unchanged: size, mtime and ctime in ns, inode. A write in place changes
+    mtime and ctime; ctime cannot be set back (``touch -d`` sets mtime only, and moves ctime)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read dataset file ({exc.strerror or exc})") from None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with _open_input(path) as fh:
+        while chunk := _read_up_to(fh, 1 << 20, path):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_hash_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / HASH_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _save_hash_index(folder: Path, index: dict) -> None:
+    """Write the index atomically; a cache that cannot be written only costs re-hashing next time."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{HASH_INDEX}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(index, fh)
+            os.replace(tmp, folder / HASH_INDEX)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("could not write %s (%s)", folder / HASH_INDEX, exc)
+
+
+def source_digests(paths: Sequence[Path], index: dict) -> tuple[list[list], list[list[int]], bool]:
+    """``([[file name, sha256], ...], [stat key, ...], index changed)`` of ``paths``.
+
+    ``index`` (the cache dir's ``source-hashes.json``, :func:`_load_hash_index`) remembers each file's sha256
+    under its absolute path with its size, mtime, ctime and inode (:func:`_stat_key`); an entry is reused only
+    while all of them are unchanged, so an unchanged file is not read again and a file changed in place is
+    hashed again. New entries are added to ``index`` (the caller saves it); an entry is added only when the
+    file did not change while it was hashed. The stat keys returned are those taken before hashing.
+    """
+    digests, stats, changed = [], [], False
+    for path in paths:
+        where = str(path.resolve())
+        before = _stat_key(path)
+        entry = index.get(where)
+        if isinstance(entry, dict) and entry.get("stat") == before and isinstance(entry.get("sha256"), str):
+            digest = entry["sha256"]
+        else:
+            digest = _sha256(path)
+            if _stat_key(path) == before:
+                index[where] = {"stat": before, "sha256": digest}
+                changed = True
+        digests.append([path.name, digest])
+        stats.append(before)
+    return digests, stats, changed
 
 
 # --------------------------------------------------------------------------------------------- subsets
@@ -490,7 +613,7 @@ def _check_subset_args(
 
 
 def subset_key(name: str, source: list, **args) -> str:
-    """Hex hash (24 chars) of the subset arguments, the source files' names and sizes, and the format."""
+    """Hex hash (24 chars) of the subset arguments, the source files (names and sha256), and the format."""
     payload = {"name": name, "source": source, "format": CACHE_FORMAT_VERSION, **args}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -577,22 +700,8 @@ def _build_subset(
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _is_writable_dir(path: Path) -> bool:
-    """An existing, writable folder; one without any write mode bit counts as read-only, even for root."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return False
-    has_write_bit = bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    return stat.S_ISDIR(mode) and has_write_bit and os.access(path, os.W_OK | os.X_OK)
-
-
-def default_cache_dir(root: str | Path) -> Path:
-    """``<root>/.ntk_sweep_cache`` if it (or, when absent, ``root``) is writable, else the user cache."""
-    root = Path(root)
-    candidate = root / CACHE_DIRNAME
-    if _is_writable_dir(candidate) or (not candidate.exists() and _is_writable_dir(root)):
-        return candidate
+def default_cache_dir() -> Path:
+    """``<user cache>/subsets`` (:func:`user_cache_dir`): never inside the data directory, which is only read."""
     return user_cache_dir() / "subsets"
 
 
@@ -658,17 +767,24 @@ def make_subset(
     ``label_noise`` replaces that fraction of the training labels (rounded to a count) by a uniformly random
     other class; test labels are never noised. ``preprocess``: see :func:`pipeline.preprocess.preprocess_images`.
 
-    The result is cached in ``cache_dir`` (default :func:`default_cache_dir` of the data root) as
-    ``<name>-<key>.npz``; a corrupt or unwritable cache is recomputed / skipped with a warning.
-    Raises :class:`UserError` for bad arguments or missing/corrupt dataset files, before writing anything.
+    The result is cached in ``cache_dir`` (default :func:`default_cache_dir`, in the user cache; the data
+    directory is never written) as ``<name>-<key>.npz``. The key covers the arguments and the sha256 of every
+    source file (:func:`source_digests`), so a file changed in place is never served from the cache; a subset
+    is cached only when its files did not change while it was built. A corrupt or unwritable cache is
+    recomputed / skipped with a warning. Raises :class:`UserError` for bad arguments or missing/corrupt/
+    unreadable dataset files, before writing anything but the hash index.
     """
     classes, n_train, n_test, seed, label_noise = _check_subset_args(
         name, n_train, n_test, seed, classes, preprocess, label_noise
     )
     root = resolve_data_root(root)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    sources = source_files(name, root)
+    index = _load_hash_index(folder)
+    digests, stats, index_changed = source_digests(sources, index)
     key = subset_key(
         name,
-        _source_fingerprint(name, root),
+        digests,
         n_train=n_train,
         n_test=n_test,
         seed=seed,
@@ -676,12 +792,18 @@ def make_subset(
         preprocess=preprocess,
         label_noise=label_noise,
     )
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(root)
     path = folder / f"{name}-{key}.npz"
     cached = _read_cache(path, key, n_train, n_test)
     if cached is not None:
+        if index_changed:
+            _save_hash_index(folder, index)
         return cached
     subset = _build_subset(name, root, key, classes, n_train, n_test, seed, preprocess, label_noise)
+    if [_stat_key(p) for p in sources] != stats:  # changed while we read it: do not file it under the old hash
+        log.warning("dataset files of %s changed while the subset was built; not cached", name)
+        return subset
+    if index_changed:  # only now, with the subset built: a bad request writes nothing
+        _save_hash_index(folder, index)
     try:
         _write_cache(path, subset)
     except OSError as exc:

@@ -7,6 +7,13 @@ Every file is downloaded into a temporary file beside its destination and checke
 only when all files of the dataset have passed are they renamed into place, so a failed fetch leaves nothing
 half-written (and a later fetch never resumes a partial file: it starts over). Files already present with the
 right MD5 are not downloaded again.
+
+A stalled transfer fails: each read waits at most ``stall_s`` seconds, and every ``stall_s`` seconds at least
+:data:`MIN_BYTES_PER_STALL` bytes must have arrived (a server that trickles one byte every few seconds
+never trips a per-read timeout, but fails this), so a fetch that makes no real progress ends with one line
+after about ``stall_s`` to ``2 stall_s`` seconds. A download holds an exclusive ``flock`` on its ``.part``
+file; the next fetch deletes the ``.part`` files (and ``.extract-*`` folders) that no live fetch holds, i.e.
+those left by a killed one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -55,7 +63,13 @@ CHECKSUMS: dict[str, dict[str, str]] = {
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 _CHUNK = 1 << 20
-_TIMEOUT_S = 60.0
+STALL_S = 60.0  # default of --stall-timeout
+MIN_BYTES_PER_STALL = 64 * 1024  # at least ~1 KB/s on average, over every stall window
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: leftovers cannot be told from live downloads
+    fcntl = None
 
 
 class FetchError(UserError):
@@ -94,24 +108,66 @@ def _mirror_list(name: str, mirror: str | None) -> list[str]:
     return [mirror]
 
 
-def _download(url: str, expected_md5: str, folder: Path, label: str, no_bar: bool | None) -> Path:
-    """Download ``url`` into a temporary file in ``folder`` and check its MD5; returns the temp path.
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete the ``.part`` files and ``.extract-*`` folders in ``folder`` that no live fetch holds (a
+    download keeps an exclusive ``flock`` on its ``.part``; the kernel drops it when the process dies).
+    Returns the names removed."""
+    removed = []
+    for path in sorted(folder.glob(".*.part")):
+        try:
+            with open(path, "rb") as fh:
+                if fcntl is not None:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use
+                path.unlink()
+            removed.append(path.name)
+        except OSError:  # held by a running fetch, or already gone
+            continue
+    for path in sorted(folder.glob(".extract-*")):
+        if path.is_dir() and time.time() - path.stat().st_mtime > 3600:  # extraction takes seconds
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
-    ``no_bar`` is tqdm's ``disable`` (None: no bar unless stderr is a terminal).
+
+def _copy_with_stall_limit(response, out, digest, bar, url: str, stall_s: float) -> None:
+    """Copy ``response`` into ``out``; fail when fewer than :data:`MIN_BYTES_PER_STALL` bytes arrive in any
+    ``stall_s`` window. Reads with ``read1`` (whatever one socket read returns), so a trickle cannot keep one
+    call waiting for a whole chunk."""
+    read = getattr(response, "read1", None) or response.read
+    window_start, window_bytes = time.monotonic(), 0
+    while chunk := read(_CHUNK):
+        out.write(chunk)
+        digest.update(chunk)
+        bar.update(len(chunk))
+        window_bytes += len(chunk)
+        now = time.monotonic()
+        if now - window_start >= stall_s:
+            if window_bytes < MIN_BYTES_PER_STALL:
+                raise _MirrorFailed(f"{url}: transfer stalled ({window_bytes} bytes in {now - window_start:.0f} s; "
+                                    f"--stall-timeout {stall_s:g} s)")
+            window_start, window_bytes = now, 0
+
+
+def _download(url: str, expected_md5: str, folder: Path, label: str, no_bar: bool | None,
+              stall_s: float = STALL_S) -> tuple[Path, int]:
+    """Download ``url`` into a temporary file in ``folder`` and check its MD5; returns the temp path and the
+    descriptor that holds its ``flock`` (the caller closes it once the file is renamed into place).
+
+    ``no_bar`` is tqdm's ``disable`` (None: no bar unless stderr is a terminal). ``stall_s``: the longest
+    wait for one read, and the window over which :data:`MIN_BYTES_PER_STALL` bytes must arrive.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".part", dir=folder)
+    lock_fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".part", dir=folder)
     tmp = Path(tmp_name)
+    if fcntl is not None:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held while lock_fd is open: a live download is never cleaned up
     digest = hashlib.md5(usedforsecurity=False)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+        with os.fdopen(os.dup(lock_fd), "wb") as out, urllib.request.urlopen(url, timeout=stall_s) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=no_bar)
             with bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
+                _copy_with_stall_limit(response, out, digest, bar, url, stall_s)
             out.flush()
             os.fsync(out.fileno())
         size = tmp.stat().st_size
@@ -121,40 +177,54 @@ def _download(url: str, expected_md5: str, folder: Path, label: str, no_bar: boo
             raise _MirrorFailed(
                 f"{url}: md5 {digest.hexdigest()} does not match the expected {expected_md5}; file discarded"
             )
-        return tmp
+        return tmp, lock_fd
+    except TimeoutError:
+        tmp.unlink(missing_ok=True)
+        os.close(lock_fd)
+        raise _MirrorFailed(f"{url}: no data for {stall_s:g} s (--stall-timeout)") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         tmp.unlink(missing_ok=True)
-        raise _MirrorFailed(f"{url}: {exc}") from None
+        os.close(lock_fd)
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, TimeoutError):
+            raise _MirrorFailed(f"{url}: no answer in {stall_s:g} s (--stall-timeout)") from None
+        raise _MirrorFailed(f"{url}: {' '.join(str(exc).split())}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
+        os.close(lock_fd)
         raise
 
 
-def _download_verified(fname: str, md5: str, mirrors: list[str], folder: Path, no_bar: bool | None) -> Path:
-    """Try each mirror in turn; the temp path of the first download whose MD5 matches."""
+def _download_verified(fname: str, md5: str, mirrors: list[str], folder: Path, no_bar: bool | None,
+                       stall_s: float = STALL_S) -> tuple[Path, int]:
+    """Try each mirror in turn; the temp path (and lock descriptor) of the first download whose MD5 matches."""
     reasons = []
     for base in mirrors:
         try:
-            return _download(f"{base.rstrip('/')}/{fname}", md5, folder, fname, no_bar)
+            return _download(f"{base.rstrip('/')}/{fname}", md5, folder, fname, no_bar, stall_s)
         except _MirrorFailed as exc:
             reasons.append(str(exc))
     raise FetchError(f"{fname}: no verified download ({'; '.join(reasons)})")
 
 
-def _stage_all(table: Mapping[str, str], mirrors: list[str], folder: Path, no_bar: bool | None) -> list[str]:
+def _stage_all(table: Mapping[str, str], mirrors: list[str], folder: Path, no_bar: bool | None,
+               stall_s: float = STALL_S) -> list[str]:
     """Download every file not already present with the right MD5, then rename them all into place."""
     todo = {f: md5 for f, md5 in table.items() if not ((folder / f).is_file() and md5sum(folder / f) == md5)}
-    staged: dict[str, Path] = {}
+    staged: dict[str, tuple[Path, int]] = {}
     try:
         for fname, md5 in todo.items():
-            staged[fname] = _download_verified(fname, md5, mirrors, folder, no_bar)
-        for fname, tmp in staged.items():
+            staged[fname] = _download_verified(fname, md5, mirrors, folder, no_bar, stall_s)
+        for fname, (tmp, _) in staged.items():
             tmp.chmod(0o644)  # mkstemp made it private
             os.replace(tmp, folder / fname)
+        for _, lock_fd in staged.values():
+            os.close(lock_fd)
         staged.clear()
     finally:
-        for tmp in staged.values():
+        for tmp, lock_fd in staged.values():
             tmp.unlink(missing_ok=True)
+            os.close(lock_fd)
     return list(todo)
 
 
@@ -192,25 +262,32 @@ def fetch_dataset(
     *,
     checksums: Mapping[str, str] | None = None,
     progress: bool | None = None,
+    stall_s: float = STALL_S,
 ) -> Path:
     """Download ``name`` (``mnist``, ``fashion_mnist`` or ``cifar10``) into ``root/<name>/`` and verify it.
 
     ``mirror``: base URL that replaces the default mirrors (files are fetched from ``<mirror>/<file name>``).
     ``checksums``: ``{file name: md5}`` overriding entries of :data:`CHECKSUMS` (tests, private mirrors).
-    ``progress``: show tqdm bars (None: only on a terminal). Returns the dataset folder.
+    ``progress``: show tqdm bars (None: only on a terminal). ``stall_s``: a transfer that waits this long for
+    one read, or gets fewer than :data:`MIN_BYTES_PER_STALL` bytes in this many seconds, fails (that mirror;
+    the next is tried). Leftovers of a killed fetch (:func:`remove_leftovers`) are deleted first.
+    Returns the dataset folder.
     Raises :class:`UserError` (a :class:`FetchError` for download/verification problems), naming the file,
     with no file written.
     """
     table = _checksum_table(name, checksums)
     mirrors = _mirror_list(name, mirror)
+    if not (isinstance(stall_s, (int, float)) and 0 < stall_s < float("inf")):
+        raise UserError(f"--stall-timeout {stall_s}: must be a positive number of seconds")
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise UserError(f"--root {root}: not a folder")
     folder = root / name
     made = [p for p in (root, folder) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
     try:
-        downloaded = _stage_all(table, mirrors, folder, None if progress is None else not progress)
+        downloaded = _stage_all(table, mirrors, folder, None if progress is None else not progress, stall_s)
     except BaseException:
         for path in reversed(made):  # leave no empty folders behind
             if not any(path.iterdir()):

@@ -37,11 +37,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
 from pipeline.run_config import RunConfig, analytic_args, make_packs
-from pipeline.spec import Sweep, read_yaml_file
+from pipeline.yaml_file import read_yaml_file
+
+if TYPE_CHECKING:  # pipeline.spec calls check_sizes; only the type comes back this way
+    from pipeline.spec import Sweep
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -488,6 +491,104 @@ def estimate_pack(configs: list[RunConfig], in_dim: int, out_dim: int, *, store:
     )
 
 
+# --------------------------------------------------------------------------------------------- sizes
+
+
+def largest_host_memory() -> tuple[int, str]:
+    """The most memory any node the planner knows gives its tasks, and which node that is: Ray's default
+    share (:data:`RAY_TASK_MEMORY_FRACTION`) of the largest instance type in :data:`INSTANCE_TYPES`."""
+    name, spec = max(INSTANCE_TYPES.items(), key=lambda item: item[1][1])
+    return int(spec[1] * GIB * RAY_TASK_MEMORY_FRACTION), name
+
+
+def largest_gpu_memory() -> tuple[int, str]:
+    """The memory of the largest GPU class in :data:`GPU_SPECS`, and its name."""
+    name, spec = max(GPU_SPECS.items(), key=lambda item: item[1][1])
+    return spec[1] * MIB, name
+
+
+def _first_path(sweep: Sweep, config: RunConfig, blame: str) -> str:
+    """The job field path (``widths[2]``, ``datasets[0].n_train[1]``, ...) that holds ``config``'s ``blame``
+    value (``width``, ``n_train``, ``n_test``, ``depth``, ``seeds``)."""
+    if blame == "width":
+        return f"widths[{sweep.widths.index(config.width)}]"
+    if blame == "seeds":
+        return "seeds"
+    if blame == "depth":
+        for a, arch in enumerate(sweep.architectures):
+            if config.depth in arch.depth:
+                return f"architectures[{a}].depth[{arch.depth.index(config.depth)}]"
+    for d, ds in enumerate(sweep.datasets):
+        if ds.name == config.dataset and config.n_train in ds.n_train and ds.n_test == config.n_test:
+            if blame == "n_test":
+                return f"datasets[{d}].n_test"
+            return f"datasets[{d}].n_train[{ds.n_train.index(config.n_train)}]"
+    return "datasets"
+
+
+def check_sizes(sweep: Sweep, runs: list[RunConfig], source: str) -> None:
+    """Refuse, in one line naming the field, a sweep with a task that no device can hold: by the memory
+    model (:func:`estimate_pack`, :func:`estimate_analytic`), its host memory above the most any node the
+    planner knows gives a task (:func:`largest_host_memory`: 70 % of a 2 TiB p5.48xlarge), or its GPU
+    memory (with :data:`GPU_MEMORY_MARGIN` to spare) above its share of the largest GPU (an H200's 140 GiB).
+
+    ``runs``: ``sweep.expand()``. Estimates are made once per task shape. A real cluster may be smaller:
+    the runner checks each task against the nodes it actually has (:func:`pipeline.ray_session.check_task_fits`).
+    """
+    host_limit, host_node = largest_host_memory()
+    gpu_bytes, gpu_name = largest_gpu_memory()
+    res = sweep.resources
+    on_gpu = res.num_gpus > 0 and sweep.device != "cpu"
+    device = "gpu" if on_gpu else "cpu"
+    gpu_limit = gpu_bytes * min(1.0, res.num_gpus) / GPU_MEMORY_MARGIN
+    store = sweep.kernels.store
+
+    def fits(pack: list[RunConfig]) -> tuple[bool, str]:
+        in_dim, out_dim = io_dims(pack[0])
+        est = estimate_pack(pack, in_dim, out_dim, store=store, device=device, num_cpus=res.num_cpus,
+                            num_gpus=res.num_gpus)
+        if est.host_peak_bytes > host_limit:
+            return False, f"{_gib(est.host_peak_bytes)} of host memory, more than any node ntk-sweep knows " \
+                          f"gives a task ({_gib(host_limit)} on a {host_node})"
+        if on_gpu and est.device_peak_bytes > gpu_limit:
+            return False, f"{_gib(est.device_peak_bytes)} of GPU memory, more than {_gib(gpu_limit)} " \
+                          f"({min(1.0, res.num_gpus):g} of an {gpu_name}, {GPU_MEMORY_MARGIN - 1:.0%} to spare)"
+        return True, ""
+
+    seen: set[tuple] = set()
+    for pack in make_packs(runs, res.pack_seeds, res.pack_max_width):
+        c = pack[0]
+        in_dim, out_dim = io_dims(c)
+        shape = (c.dataset, c.n_train, c.n_test, out_dim, c.depth, c.width, c.dtype, c.optimizer,
+                 c.steps >= c.n_train, len(pack))
+        if shape in seen:
+            continue
+        seen.add(shape)
+        what = (f"{c.dataset} n_train {c.n_train:,}, n_test {c.n_test:,}, depth {c.depth}, width {c.width:,}, "
+                f"{len(pack)} seed{'s' if len(pack) > 1 else ''}")
+        # The analytic kernels first: closed form, and it bounds N before the panel loops of the training model.
+        analytic = estimate_analytic(c, in_dim, out_dim)
+        if analytic > host_limit:
+            blame = "n_test" if c.n_test > c.n_train else "n_train"
+            raise UserError(f"{source}: {_first_path(sweep, c, blame)}: the analytic kernels of {what} need an "
+                            f"estimated {_gib(analytic)} of host memory, more than any node ntk-sweep knows gives "
+                            f"a task ({_gib(host_limit)} on a {host_node}); see `ntk-sweep plan`")
+        ok, why = fits(pack)
+        if ok:
+            continue
+        if len(pack) > 1 and fits(pack[:1])[0]:
+            blame = "seeds"  # the seeds packed together: pack_max_width below this width trains them apart
+        elif c.width > 1 and fits([c.model_copy(update={"width": 1})])[0]:
+            blame = "width"
+        elif c.depth > 1 and fits([c.model_copy(update={"depth": 1})])[0]:
+            blame = "depth"
+        else:
+            blame = "n_test" if c.n_test > c.n_train else "n_train"
+        hint = f" (or set resources.pack_max_width below {c.width})" if blame == "seeds" else ""
+        raise UserError(f"{source}: {_first_path(sweep, c, blame)}: a task of {what} needs an estimated {why}"
+                        f"{hint}; see `ntk-sweep plan`")
+
+
 # --------------------------------------------------------------------------------------------- clusters
 
 # Known EC2 instance types: (vCPUs, RAM GiB, GPUs, GPU class). Used when a node type's `resources` leave
@@ -544,7 +645,8 @@ def _cluster_error(path: str, where: str, message: str) -> UserError:
 
 
 def _number(path: str, where: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
         raise _cluster_error(path, where, f"must be a {'positive' if positive else 'non-negative'} number, "
                                           f"got {value!r}")
     return float(value)

@@ -18,12 +18,13 @@ from kernels.activations import get_activation
 
 # Fields that say where or how fast a run executes, not what it computes.
 EXECUTION_FIELDS = ("data_dir", "device", "sweep")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds take it; one of 4 billion is plenty
 
 
 class RunConfig(BaseModel):
     """One (dataset subset, architecture, width, seed, optimiser) combination."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     sweep: str = "adhoc"
     # data
@@ -34,7 +35,7 @@ class RunConfig(BaseModel):
     classes: tuple[int, ...] | None = None
     preprocess: Literal["per_image", "standardize", "unit_norm", "raw01"] = "per_image"
     label_noise: float = Field(0.0, ge=0.0, lt=1.0)
-    data_seed: int = Field(0, ge=0)
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
     # architecture (the arguments of kernels.mlp.MLP and kernels.analytic.mlp_kernels)
     depth: int = Field(2, ge=0)
     width: int = Field(256, gt=0)
@@ -43,7 +44,7 @@ class RunConfig(BaseModel):
     b_std: float = Field(0.0, ge=0)
     parameterization: Literal["ntk", "standard"] = "ntk"
     # training
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     optimizer: Literal["gd", "sgd"] = "gd"
     batch_size: int | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0)

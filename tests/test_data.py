@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import stat
 import struct
 from pathlib import Path
 
@@ -392,12 +391,12 @@ def test_cache_file_written_once_and_corrupt_cache_recomputed(tmp_path):
     fake_mnist(tmp_path / "data", n_train=60, n_test=30)
     kwargs = {"n_train": 40, "n_test": 20, "seed": 0, "cache_dir": tmp_path / "cache"}
     first = make_subset("mnist", tmp_path / "data", **kwargs)
-    files = list((tmp_path / "cache").iterdir())
+    files = list((tmp_path / "cache").glob("*.npz"))
     assert [f.name for f in files] == [f"mnist-{first.key}.npz"]
     files[0].write_bytes(b"not a zip file")
     again = make_subset("mnist", tmp_path / "data", **kwargs)
     np.testing.assert_array_equal(again.x_train, first.x_train)
-    assert [f.name for f in (tmp_path / "cache").iterdir()] == [f"mnist-{first.key}.npz"]
+    assert sorted(f.name for f in (tmp_path / "cache").iterdir()) == [f"mnist-{first.key}.npz", data.HASH_INDEX]
     with np.load(files[0]) as z:
         assert str(z["key"]) == first.key
 
@@ -412,20 +411,11 @@ def test_cache_key_tracks_source_files(tmp_path):
     )
 
 
-def test_default_cache_dir_beside_data(tmp_path):
-    fake_mnist(tmp_path, n_train=40, n_test=20)
-    s = make_subset("mnist", tmp_path, n_train=20, n_test=10, seed=0)
-    assert (tmp_path / ".ntk_sweep_cache" / f"mnist-{s.key}.npz").is_file()
-
-
-def test_default_cache_dir_falls_back_for_read_only_root(tmp_path, monkeypatch):
+def test_default_cache_dir_is_the_user_cache_never_the_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = tmp_path / "data"
-    fake_mnist(root, n_train=40, n_test=20)
-    root.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
-    try:
-        s = make_subset("mnist", root, n_train=20, n_test=10, seed=0)
-    finally:
-        root.chmod(0o755)
-    assert not (root / ".ntk_sweep_cache").exists()
+    fake_mnist(root, n_train=40, n_test=20)  # a writable data dir: still not written
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    s = make_subset("mnist", root, n_train=20, n_test=10, seed=0)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
     assert (tmp_path / "xdg" / "ntk-sweep" / "subsets" / f"mnist-{s.key}.npz").is_file()
