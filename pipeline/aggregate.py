@@ -56,7 +56,7 @@ from pipeline.store import RUNS, ResultsStore, is_not_writable, write_parquet_at
 AGGREGATES = "aggregates"
 BY_WIDTH, SCALING, GP_INIT = "by_width", "scaling", "gp_init"
 TABLES = (BY_WIDTH, SCALING, GP_INIT)
-VERSION = "3"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
+VERSION = "4"  # bump when the aggregate tables change shape: stored aggregates are then recomputed
 FINGERPRINT_KEY = b"ntk_sweep.fingerprint"
 
 # The deviations from the kernel limit that shrink with width, fitted against it (plus every
@@ -101,11 +101,11 @@ def runs_parts(results: str | Path) -> list[Path]:
 
 
 def fingerprint(results: str | Path) -> str:
-    """Hash of the runs parts' names, sizes and mtimes, this module's table version and the config
-    fields (which make the group columns)."""
+    """Hash of the runs and ``gp_samples`` parts' names, sizes and mtimes, this module's table version and
+    the config fields (which make the group columns)."""
     root = Path(results)
     h = hashlib.sha256(f"{VERSION}|{','.join(RunConfig.model_fields)}\n".encode())
-    for part in runs_parts(root):
+    for part in [*runs_parts(root), *ResultsStore(root).parts("gp_samples")]:
         st = part.stat()
         h.update(f"{part.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]

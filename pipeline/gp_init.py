@@ -20,6 +20,20 @@ seed and width) and width, with ``S`` distinct seeds that stored their outputs a
   error from the first 2, 4, 8, ... seeds (in seed order) and from all ``S``: how it shrinks with the
   seed count (toward the floor, ``~ S^-1/2``, until finite-width effects are reached).
 
+With a job's ``gp_seeds: S`` (init-only networks, :mod:`pipeline.gp_sample`, table ``gp_samples``), the
+measures above use those ``S`` networks instead of the trained seeds (``source = "gp_seeds"``), and the
+finite-width *bias* of the covariance is measured too, on the first ``points`` test points, with the
+estimator of :mod:`kernels.finite_width` (second-order noise only, so a few hundred networks resolve it):
+
+* ``nngp_bias_rel = |E[f f^T] - K|_F / |K|_F`` (square root of the unbiased U-statistic; 0 when that is
+  negative), ``nngp_bias_rel_lo`` / ``_hi`` its 95% interval (the U-statistic +- 1.96 jackknife standard
+  errors over seeds, square-rooted, clipped at 0), ``nngp_bias_rel_floor`` what the estimate would show
+  from noise alone (its rms for a zero bias), ``nngp_bias_resolved`` whether the interval excludes 0;
+* ``nngp_bias_exponent`` (``_lo`` / ``_hi``): the least-squares slope of ``log nngp_bias_rel`` on
+  ``log width`` over the group's resolved widths (theory: -1), with a 95% percentile interval from
+  resampling the seeds as units (one resample of seed indices applied at every width: a seed's networks at
+  different widths share their first rows), repeated on every width's row of the group.
+
 The analytic NNGP is recomputed on the test points (it depends on the inputs and the architecture
 only, not on the width). Groups whose data cannot be loaded here are skipped and named in the table's
 schema metadata (``ntk_sweep.gp_init_skipped``). Written by :func:`pipeline.aggregate.ensure_aggregates`
@@ -39,7 +53,9 @@ import pyarrow as pa
 from pipeline.run_config import RunConfig
 from pipeline.store import OUTPUTS, RUNS, ResultsStore, write_parquet_atomic
 
+GP_SAMPLES = "gp_samples"
 KS_FLOOR_DRAWS = 32  # simulated GP draws behind ks_stat_floor
+BOOTSTRAP_DRAWS = 2000  # seed resamples behind nngp_bias_exponent's interval
 SKIPPED_KEY = b"ntk_sweep.gp_init_skipped"
 MEASURE_FIELDS = {
     "width": pa.int64(), "seeds": pa.int64(), "outputs": pa.int64(),
@@ -47,7 +63,53 @@ MEASURE_FIELDS = {
     "ks_stat": pa.float64(), "ks_pvalue": pa.float64(), "ks_stat_floor": pa.float64(),
     "seeds_by_count": pa.list_(pa.int64()), "nngp_cov_rel_err_by_seeds": pa.list_(pa.float64()),
     "nngp_cov_rel_err_floor_by_seeds": pa.list_(pa.float64()),
+    "source": pa.string(),
+    "nngp_bias_rel": pa.float64(), "nngp_bias_rel_lo": pa.float64(), "nngp_bias_rel_hi": pa.float64(),
+    "nngp_bias_rel_floor": pa.float64(), "nngp_bias_resolved": pa.bool_(), "bias_points": pa.int64(),
+    "nngp_bias_exponent": pa.float64(), "nngp_bias_exponent_lo": pa.float64(),
+    "nngp_bias_exponent_hi": pa.float64(),
 }
+NO_BIAS = {"nngp_bias_rel": math.nan, "nngp_bias_rel_lo": math.nan, "nngp_bias_rel_hi": math.nan,
+           "nngp_bias_rel_floor": math.nan, "nngp_bias_resolved": None, "bias_points": None,
+           "nngp_bias_exponent": math.nan, "nngp_bias_exponent_lo": math.nan, "nngp_bias_exponent_hi": math.nan}
+
+
+def bias_measures(gram: np.ndarray, k_fro2: float) -> dict:
+    """The per-width bias columns (module docstring) from the ``(S, S)`` residual Gram and ``|K|_F^2``."""
+    from kernels.finite_width import bias_statistics
+
+    st = bias_statistics(gram)
+    half = 1.96 * st.u_se
+    rel = lambda v: math.sqrt(max(v, 0.0) / k_fro2)  # noqa: E731
+    return {"nngp_bias_rel": rel(st.u), "nngp_bias_rel_lo": rel(st.u - half), "nngp_bias_rel_hi": rel(st.u + half),
+            "nngp_bias_rel_floor": math.sqrt(st.noise2 / k_fro2), "nngp_bias_resolved": bool(st.u - half > 0)}
+
+
+def bias_exponent(grams: dict[int, tuple[np.ndarray, float]], *, draws: int = BOOTSTRAP_DRAWS,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """Slope of ``log nngp_bias_rel`` on ``log width`` and its 95% seed-resampling interval.
+
+    ``grams``: width -> (``(S, S)`` residual Gram, ``|K|_F^2``) over the same ``S`` seeds, resolved widths
+    only. NaNs with fewer than two widths; resamples in which a width's estimate is not positive are left
+    out of the interval (there are none when every width is well resolved).
+    """
+    from kernels.finite_width import bias_statistics
+
+    widths = sorted(grams)
+    if len(widths) < 2:
+        return math.nan, math.nan, math.nan
+    logw = np.log(widths)
+
+    def slope(weights: np.ndarray | None) -> float:
+        u = np.array([bias_statistics(grams[w][0], weights).u / grams[w][1] for w in widths])
+        return float(np.polyfit(logw, 0.5 * np.log(u), 1)[0]) if np.all(u > 0) else math.nan
+
+    rng = np.random.default_rng(seed)
+    s = len(grams[widths[0]][0])
+    boots = np.array([slope(np.bincount(rng.integers(0, s, s), minlength=s)) for _ in range(draws)])
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if len(boots) else (math.nan, math.nan)
+    return slope(None), float(lo), float(hi)
 
 
 def covariance_error(f0: np.ndarray, nngp: np.ndarray) -> tuple[float, float]:
@@ -140,23 +202,32 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
         return empty_table()
     runs = split_runs(runs_table)
     group_fields = list(runs.groups.schema)
-    if not outputs.num_rows:
+    if not outputs.num_rows and not store.table(GP_SAMPLES, warn=False).num_rows:
         return empty_table(group_fields)
     f0_by_id = {rid: (f, n, k) for rid, f, n, k in zip(
-        *(outputs.column(c).to_pylist() for c in ("run_id", "f0_test", "n_test", "k")), strict=True)}
+        *(outputs.column(c).to_pylist() for c in ("run_id", "f0_test", "n_test", "k")), strict=True)} \
+        if outputs.num_rows else {}
+    gp_by_run = _gp_rows_by_run(store)
     rows_all = runs_table.to_pylist()
-    members: dict[tuple[int, int], dict[int, int]] = {}  # (group, width) -> seed -> row index
+    members: dict[tuple[int, int], dict[int, int]] = {}  # (group, width) -> seed -> row index, with outputs
+    gp_rows: dict[tuple[int, int], dict] = {}  # (group, width) -> its gp_samples row
     for i, row in enumerate(rows_all):
+        key = (int(runs.gid[i]), int(runs.width[i]))
+        if row["run_id"] in gp_by_run:
+            gp_rows.setdefault(key, gp_by_run[row["run_id"]])
         if row["run_id"] in f0_by_id and f0_by_id[row["run_id"]][0] is not None:
-            members.setdefault((int(runs.gid[i]), int(runs.width[i])), {}).setdefault(int(runs.seed[i]), i)
+            members.setdefault(key, {}).setdefault(int(runs.seed[i]), i)
     analytic_cache: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     floors: dict[tuple, float] = {}  # the same simulated draws for every width of a group
     out_rows, gids, skipped = [], [], {}
-    for (g, width), by_seed in sorted(members.items()):
-        if len(by_seed) < 2:
+    bias_grams: dict[int, dict[int, tuple[np.ndarray, float]]] = {}  # group -> resolved width -> gram, |K|^2
+    for (g, width) in sorted(set(members) | set(gp_rows)):
+        by_seed, gp_row = members.get((g, width), {}), gp_rows.get((g, width))
+        if gp_row is None and len(by_seed) < 2:
             continue
-        idx = [by_seed[s] for s in sorted(by_seed)]
-        config = _subset_config(rows_all[idx[0]])
+        first = sorted(by_seed.values())[0] if by_seed else next(
+            i for i, r in enumerate(rows_all) if r["run_id"] == gp_row["run_id"])
+        config = _subset_config(rows_all[first])
         try:
             subset = load_recorded_subset(config, data_dir)
             cache_key = json.dumps([subset.key, config.depth, config.activation, config.w_std, config.b_std])
@@ -169,8 +240,12 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
             skipped[runs.group_ids[g]] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         nngp, root = analytic_cache[cache_key]
-        f0 = np.stack([np.asarray(f0_by_id[rows_all[i]["run_id"]][0], dtype=np.float64)
-                       .reshape(f0_by_id[rows_all[i]["run_id"]][1], -1) for i in idx])
+        if gp_row is not None:
+            f0 = np.asarray(gp_row["f0_test"], dtype=np.float64).reshape(gp_row["seeds"], gp_row["n_test"], -1)
+        else:
+            idx = [by_seed[s] for s in sorted(by_seed)]
+            f0 = np.stack([np.asarray(f0_by_id[rows_all[i]["run_id"]][0], dtype=np.float64)
+                           .reshape(f0_by_id[rows_all[i]["run_id"]][1], -1) for i in idx])
         if f0.shape[1] != len(nngp):
             skipped[runs.group_ids[g]] = f"outputs on {f0.shape[1]} test points, the subset has {len(nngp)}"
             continue
@@ -181,14 +256,26 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
         by_seeds = [covariance_error(f0[:c], nngp) for c in counts]
         if (cache_key, s, k) not in floors:
             floors[cache_key, s, k] = ks_floor(root, np.diag(nngp), s, k)
+        bias = dict(NO_BIAS)
+        if gp_row is not None:
+            gram = np.asarray(gp_row["residual_gram"], dtype=np.float64).reshape(s, s)
+            bias.update(bias_measures(gram, gp_row["k_fro2"]), bias_points=gp_row["points"])
+            if bias["nngp_bias_resolved"]:
+                bias_grams.setdefault(g, {})[width] = (gram, gp_row["k_fro2"])
         out_rows.append({
             "width": width, "seeds": s, "outputs": k,
             "nngp_cov_rel_err": err, "nngp_cov_rel_err_floor": floor, "ks_stat": ks, "ks_pvalue": p_value,
             "ks_stat_floor": floors[cache_key, s, k],
             "seeds_by_count": counts, "nngp_cov_rel_err_by_seeds": [e for e, _ in by_seeds],
             "nngp_cov_rel_err_floor_by_seeds": [f for _, f in by_seeds],
+            "source": "gp_seeds" if gp_row is not None else "trained seeds", **bias,
         })
         gids.append(g)
+    for g, grams in bias_grams.items():
+        slope, lo, hi = bias_exponent(grams)
+        for row, gid in zip(out_rows, gids, strict=True):
+            if gid == g and row["source"] == "gp_seeds":
+                row.update(nngp_bias_exponent=slope, nngp_bias_exponent_lo=lo, nngp_bias_exponent_hi=hi)
     table = empty_table(group_fields)
     if out_rows:
         from pipeline.aggregate import _with_groups
@@ -199,6 +286,16 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                SKIPPED_KEY: json.dumps(skipped).encode()})
     return table
+
+
+def _gp_rows_by_run(store: ResultsStore) -> dict[str, dict]:
+    """``gp_samples`` rows by the trained run they stand beside; the most seeds win."""
+    table = store.table(GP_SAMPLES)
+    best: dict[str, dict] = {}
+    for row in table.to_pylist() if table.num_rows else []:
+        if row["run_id"] not in best or row["seeds"] > best[row["run_id"]]["seeds"]:
+            best[row["run_id"]] = row
+    return best
 
 
 def skipped_groups(table: pa.Table) -> dict[str, str]:

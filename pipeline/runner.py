@@ -99,6 +99,43 @@ def _analytic_task(config: RunConfig, subset, num_cpus: float):
     return analytic_blocks(config, subset)
 
 
+def _gp_task(config: RunConfig, subset, seeds: int, num_cpus: float) -> dict:
+    import torch
+
+    from pipeline.gp_sample import gp_samples
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    return gp_samples(config, subset, seeds)
+
+
+GP_SAMPLES = "gp_samples"  # pipeline.gp_init.GP_SAMPLES, without importing the aggregation side
+
+
+def gp_todo(sweep: Sweep, runs: list[RunConfig], store: ResultsStore) -> list[RunConfig]:
+    """For ``gp_seeds``: one run per (group, width) (its lowest seed) whose ``gp_samples`` row is missing."""
+    if not sweep.gp_seeds:
+        return []
+    from pipeline.gp_sample import gp_id
+
+    firsts: dict[str, RunConfig] = {}
+    for r in runs:
+        key = r.model_copy(update={"seed": 0}).run_id  # the (group, width) the run belongs to
+        if key not in firsts or r.seed < firsts[key].seed:
+            firsts[key] = r
+    table = store.table(GP_SAMPLES, warn=False) if (store.root / GP_SAMPLES).is_dir() else None
+    have = set(table.column("gp_id").to_pylist()) if table is not None and table.num_rows else set()
+    return [r for r in firsts.values() if gp_id(r, sweep.gp_seeds) not in have]
+
+
+def _gp_memory(config: RunConfig, n_test: int, k: int, seeds: int) -> int:
+    """Ray ``memory=`` of a gp task: the residuals and their Gram (float64), the outputs, one network, slack."""
+    from pipeline.gp_sample import GP_POINTS
+
+    points = min(n_test, GP_POINTS)
+    held = 8 * (seeds * points**2 + seeds**2) + 4 * seeds * n_test * k + 8 * config.width**2 * config.depth
+    return int(3 * held + 400 * 2**20)
+
+
 def run_sweep(
     job: str | Path | Sweep,
     out: str | Path,
@@ -137,8 +174,9 @@ def run_sweep(
     index = store.runs_index()
     done = index.done(retry_failed) - store.redo_run_ids(bad, index)
     todo = [r for r in runs if r.run_id not in done]
+    gp_missing = gp_todo(sweep, runs, store)
     summary = SweepSummary(total=len(runs), skipped=len(runs) - len(todo))
-    if not todo and not bad and not store.sweep_changed(sweep.name, resolved):
+    if not todo and not gp_missing and not bad and not store.sweep_changed(sweep.name, resolved):
         summary.wall_s = time.perf_counter() - start
         return summary  # nothing to do: nothing written
     store.check_writable()
@@ -159,8 +197,9 @@ def run_sweep(
         analytic_memory = {analytic_args(r): estimate_analytic(r, *dims[subset_args(r)]) for r in todo}
         return packs, pack_memory, analytic_memory
 
-    if todo:
+    if todo or gp_missing:
         init_ray(address, num_cpus)
+    if todo:
         _, pack_memory, analytic_memory = plan(todo)
         # The check below fails at once on what no node (or node type) can hold.
         largest = max(pack_memory + list(analytic_memory.values()))
@@ -194,13 +233,55 @@ def run_sweep(
         summary.elsewhere = sum(1 for r in todo if r.run_id not in claims.held and r.run_id not in done)
         summary.missing += summary.elsewhere
         todo = [r for r in todo if r.run_id in claims.held]
+        gp_refs = _submit_gp(sweep, gp_missing, subsets, ray) if gp_missing else {}
         if todo:
             _run_packs(sweep, store, claims, todo, plan(todo), subsets, summary, superseded,
                        max_parallel=max_parallel, progress=progress, out=out, tqdm=tqdm, total=len(runs), ray=ray)
+        if gp_refs:
+            _commit_gp(store, gp_refs, ray, out, summary)
     finally:
         claims.close()
         summary.wall_s = time.perf_counter() - start
     return summary
+
+
+def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, ray) -> dict:
+    """Start the init-only GP tasks (``gp_seeds``); they run beside the training packs."""
+    res = sweep.resources
+    task = ray.remote(_gp_task)
+    refs = {}
+    for c in configs:
+        subset = subsets[subset_args(c)]
+        memory = _gp_memory(c, subset.n_test, subset.y_train.shape[1], sweep.gp_seeds)
+        ref = task.options(num_cpus=res.num_cpus, num_gpus=0, memory=memory, max_retries=res.max_retries,
+                           retry_exceptions=False).remote(c, ray.put(subset), sweep.gp_seeds, res.num_cpus)
+        refs[ref] = c
+    return refs
+
+
+def _commit_gp(store: ResultsStore, refs: dict, ray, out: str | Path, summary: SweepSummary) -> None:
+    """Write each GP task's row as its own part of ``gp_samples`` (atomically), as it finishes."""
+    import pyarrow as pa
+
+    from pipeline.store import write_parquet_atomic
+
+    pending = dict(refs)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        config = pending.pop(ready[0])
+        try:
+            row = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - a failed GP check must not lose the sweep's runs
+            print(f"{out}: gp_seeds check for width {config.width} failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); a re-run retries it", file=sys.stderr)
+            summary.missing += 1
+            continue
+        table = pa.Table.from_pylist([row], schema=pa.schema([
+            ("gp_id", pa.string()), ("run_id", pa.string()), ("width", pa.int64()), ("seeds", pa.int64()),
+            ("n_test", pa.int64()), ("k", pa.int64()), ("points", pa.int64()), ("k_fro2", pa.float64()),
+            ("residual_gram", pa.list_(pa.float64())), ("f0_test", pa.list_(pa.float32())),
+            ("wall_s", pa.float64())]))
+        write_parquet_atomic(table, store.part_path(GP_SAMPLES, config.dataset, row["gp_id"]))
 
 
 def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[RunConfig], planned: tuple,

@@ -35,6 +35,7 @@ from pipeline.yaml_file import one_line, read_yaml_file
 __all__ = ["Sweep", "load_sweep", "parse_sweep", "read_yaml_file"]
 
 MAX_RUNS = 100_000  # the real studies have 540; 100,000 runs are weeks of GPU time
+MAX_GP_SEEDS = 4096  # untrained networks per width for the GP check: 4096^2 float64 residual Gram = 128 MiB
 MAX_DEPTH = 1_000
 MAX_STEPS = 1_000_000_000
 MAX_LOG_POINTS = 10_000
@@ -158,9 +159,18 @@ class Sweep(_Strict):
     kernels: KernelSpec = KernelSpec()
     resources: ResourceSpec = ResourceSpec()
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Init-only GP check (pipeline.gp_sample): this many untrained networks per width, 0 = off.
+    gp_seeds: int = Field(0, ge=0, le=MAX_GP_SEEDS)
 
     _listify = field_validator("widths", mode="before")(_positive_list)
     _positive_widths = field_validator("widths")(_each_at_least(1))
+
+    @field_validator("gp_seeds")
+    @classmethod
+    def _gp_seeds(cls, value: int) -> int:
+        if 0 < value < 3:
+            raise ValueError("0 (off) or at least 3 (the bias's jackknife needs 3 networks), got " + str(value))
+        return value
 
     @field_validator("seeds")
     @classmethod

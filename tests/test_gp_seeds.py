@@ -1,0 +1,63 @@
+"""`gp_seeds`: the init-only GP check of a sweep, end to end on a local Ray. Untrained networks per width
+resolve the finite-width bias of E[f f^T] at two hidden layers, and its exponent comes out near -1."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.aggregate import ensure_aggregates
+from pipeline.cli import main
+
+JOB = {
+    "name": "gptiny",
+    "datasets": [{"name": "digits", "n_train": [50], "n_test": 60}],
+    "architectures": [{"depth": [2]}],
+    "widths": [32, 64, 128],
+    "seeds": 2,
+    "gp_seeds": 64,
+    "optimizer": {"steps": 5},
+    "resources": {"num_cpus": 1},
+}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_gp_seeds_resolves_the_depth_two_bias_and_resumes_without_writing(tmp_path):
+    import ray
+
+    ray.shutdown()
+    out = tmp_path / "r"
+    job = _write(tmp_path, JOB)
+    try:
+        assert main(["run", str(job), "--out", str(out), "--num-cpus", "2"]) == 0
+        parts = sorted((out / "gp_samples").rglob("*.parquet"))
+        assert len(parts) == 3  # one per width
+        stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        assert main(["run", str(job), "--out", str(out), "--num-cpus", "2"]) == 0
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp  # nothing rewritten
+    finally:
+        ray.shutdown()
+    ensure_aggregates(out)
+    gp = pq.read_table(out / "aggregates" / "gp_init.parquet").to_pandas().sort_values("width")
+    assert list(gp["width"]) == [32, 64, 128]
+    assert set(gp["source"]) == {"gp_seeds"} and set(gp["seeds"]) == {64}
+    assert gp["nngp_bias_resolved"].all()
+    assert (gp["nngp_bias_rel"] > 2 * gp["nngp_bias_rel_floor"]).all()  # ~3x at 64 networks
+    exponent, lo, hi = gp[["nngp_bias_exponent", "nngp_bias_exponent_lo", "nngp_bias_exponent_hi"]].iloc[0]
+    assert lo < -1 < hi and abs(exponent + 1) < 0.25 and hi - lo < 0.6, (exponent, lo, hi)
+    # The trained seeds alone (2) could not have said anything: their floor is above the bias many times.
+    assert (gp["nngp_cov_rel_err_floor"] > 5 * gp["nngp_bias_rel"]).all()
+
+
+@pytest.mark.parametrize("value", [1, 2, -1, 5000])
+def test_gp_seeds_out_of_range_is_one_line_and_writes_nothing(tmp_path, capsys, value):
+    out = tmp_path / "r"
+    assert main(["run", str(_write(tmp_path, {**JOB, "gp_seeds": value})), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gp_seeds" in err and len(err.splitlines()) == 1 and not out.exists()
