@@ -16,8 +16,9 @@ Why ``per_image``: among the candidates the issue named (variance floor, global 
 per-image normalisation, regularised ZCA), measured as the share of the depth-2 ReLU NTK's ``|Theta|_F^2``
 (train ++ test) in the rows and columns of the 1% largest-norm points (``bench/preprocess_share.py``):
 MNIST 1,000 + 2,000 -> per_image 1.9%, ZCA 2.0%, global 4.8%, variance floor (10% of the rms std) 16%,
-standardize 99.7%; CIFAR-10 1,000 + 800 -> per_image 2.0%, ZCA 2.0%, standardize 8.4%. Per-image is as flat as ZCA without a ``d x d`` whitening fitted
-on the train rows (which an MLP does not need), and the same rule Lee et al. 2020 apply before their ZCA.
+standardize 99.7%; CIFAR-10 1,000 + 800 -> per_image 2.0%, ZCA 2.0%, standardize 8.4%. Per-image is as
+flat as ZCA without a ``d x d`` whitening fitted on the train rows (which an MLP does not need), and the
+same rule Lee et al. 2020 apply before their ZCA.
 """
 
 from __future__ import annotations
