@@ -112,13 +112,16 @@ GP_SAMPLES = "gp_samples"  # pipeline.gp_init.GP_SAMPLES, without importing the 
 
 
 def gp_todo(sweep: Sweep, runs: list[RunConfig], store: ResultsStore) -> list[RunConfig]:
-    """For ``gp_seeds``: one run per (group, width) (its lowest seed) whose ``gp_samples`` row is missing."""
+    """For ``gp_seeds``: one run per (group, width) (its lowest seed; widths up to ``gp_max_width``) whose
+    ``gp_samples`` row is missing."""
     if not sweep.gp_seeds:
         return []
     from pipeline.gp_sample import gp_id
 
     firsts: dict[str, RunConfig] = {}
     for r in runs:
+        if sweep.gp_max_width is not None and r.width > sweep.gp_max_width:
+            continue
         key = r.model_copy(update={"seed": 0}).run_id  # the (group, width) the run belongs to
         if key not in firsts or r.seed < firsts[key].seed:
             firsts[key] = r

@@ -161,6 +161,8 @@ class Sweep(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Init-only GP check (pipeline.gp_sample): this many untrained networks per width, 0 = off.
     gp_seeds: int = Field(0, ge=0, le=MAX_GP_SEEDS)
+    # ... at the widths up to this one (None: every width). Its cost grows as gp_seeds x width^2.
+    gp_max_width: int | None = Field(None, gt=0)
 
     _listify = field_validator("widths", mode="before")(_positive_list)
     _positive_widths = field_validator("widths")(_each_at_least(1))
