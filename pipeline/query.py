@@ -2,16 +2,25 @@
 
 Views, one per table that exists:
 
-    runs       RESULTS/runs/*/*.parquet       one row per run (``dataset`` from the Hive folder)
-    curves     RESULTS/curves/*/*.parquet     one row per (run_id, logged step)
+    runs       RESULTS/runs/dataset=*/part-*.parquet      one row per run (``dataset`` from the Hive folder)
+    curves     RESULTS/curves/dataset=*/part-*.parquet    one row per (run_id, logged step)
+    spectral   RESULTS/spectral/dataset=*/part-*.parquet  residual energy per NTK eigen-band per logged step
+    outputs    RESULTS/outputs/dataset=*/part-*.parquet   outputs at init on the test points
     by_width   RESULTS/aggregates/by_width.parquet   (see :mod:`pipeline.aggregate`)
     scaling    RESULTS/aggregates/scaling.parquet
     gp_init    RESULTS/aggregates/gp_init.parquet    (see :mod:`pipeline.gp_init`)
-    spectral   RESULTS/spectral/*/*.parquet   residual energy per NTK eigen-band per logged step
     <name>     any other RESULTS/<name>/ folder of Parquet parts, and RESULTS/aggregates/<name>.parquet
 
-The aggregates are recomputed first when the runs changed and the SQL names one of them. Parts
-whose columns differ (a column added later) are read by name (``union_by_name``).
+The tables are read by :class:`pipeline.store.ResultsStore` (the one reader of the layout: rows
+de-duplicated by run id, parts whose columns differ unified by name, a part that does not read left
+out and named in one line on stderr) and handed to DuckDB as Arrow datasets, scanned lazily. The
+aggregates are recomputed first when the runs changed and the SQL names one of them (in memory only,
+when the results directory is read-only).
+
+Sandbox: once the views exist, the connection is locked (:data:`LOCKDOWN`): no file, URL or database
+can be read, written or attached (``read_csv('/etc/passwd')``, ``COPY ... TO``, ``ATTACH``), no
+extension installed or loaded, no setting changed back. Such SQL is a one-line :class:`UserError`
+(exit code 2).
 
 From Python::
 

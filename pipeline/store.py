@@ -201,6 +201,7 @@ class ResultsStore:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"{self.root}: results path exists and is not a directory")
+        self._index: tuple[tuple, RunsIndex] | None = None
 
     # -- layout
     def part_path(self, kind: str, dataset: str, pid: str) -> Path:
@@ -278,10 +279,15 @@ class ResultsStore:
 
     # -- reading
     def runs_index(self) -> RunsIndex:
-        """Read the ``run_id`` and ``status`` columns of every ``runs`` part (see :class:`RunsIndex`)."""
+        """Read the ``run_id`` and ``status`` columns of every ``runs`` part (see :class:`RunsIndex`);
+        read again only when a part was added, removed or changed (name, size, mtime) since."""
+        paths = self.parts(RUNS)
+        key = tuple((str(p), *_stat_key(p)) for p in paths)
+        if self._index is not None and self._index[0] == key:
+            return self._index[1]
         index = RunsIndex()
         best: dict[str, tuple[tuple[bool, int, str], str]] = {}
-        for path in self.parts(RUNS):
+        for path in paths:
             rel = self._rel(RUNS, path)
             try:
                 names = pq.read_schema(path).names
@@ -297,11 +303,12 @@ class ResultsStore:
             statuses = table.column("status").to_pylist() if "status" in cols else ["ok"] * len(ids)
             index.parts[rel] = (path, ids)
             for rid, status in zip(ids, statuses, strict=True):
-                key = (status != FAILED, mtime, rel)
-                if rid not in best or key > best[rid][0]:
-                    best[rid] = (key, status)
-        index.winner = {rid: key[2] for rid, (key, _) in best.items()}
+                rank = (status != FAILED, mtime, rel)
+                if rid not in best or rank > best[rid][0]:
+                    best[rid] = (rank, status)
+        index.winner = {rid: rank[2] for rid, (rank, _) in best.items()}
         index.status = {rid: status for rid, (_, status) in best.items()}
+        self._index = (key, index)
         return index
 
     def done_run_ids(self, retry_failed: bool = False) -> set[str]:

@@ -179,10 +179,26 @@ def test_a_rerun_with_everything_done_writes_nothing(sweep, tmp_path):
     assert tree(out) == after
 
 
-def _cli_read_only(results: Path, *args: str) -> subprocess.CompletedProcess:
-    """``ntk-sweep ARGS`` in a subprocess that sees ``results`` read-only: a read-only bind mount in a
-    private mount namespace when this is root (root ignores permission bits), else chmod a-w."""
-    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+_RUN_CLI = """
+import contextlib, io, json, sys
+from pipeline.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _cli_read_only(results: Path, *commands: list[str]) -> list[tuple[int, str, str]]:
+    """``ntk-sweep`` commands, each as ``(exit code, stdout, stderr)``, run one after the other in one
+    subprocess that sees ``results`` read-only: a read-only bind mount in a private mount namespace
+    when this is root (root ignores permission bits), else chmod a-w."""
+    import json
+
+    cmd = [sys.executable, "-c", _RUN_CLI, json.dumps(commands)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if os.geteuid() != 0:
         paths = [results, *results.rglob("*")]
@@ -190,17 +206,19 @@ def _cli_read_only(results: Path, *args: str) -> subprocess.CompletedProcess:
         for p in paths:
             p.chmod(modes[p] & ~0o222)
         try:
-            return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         finally:
             for p in paths:
                 p.chmod(modes[p])
-    if not (shutil.which("unshare") and shutil.which("mount")):
-        pytest.skip("running as root without unshare/mount: cannot make a read-only directory")
-    wrapped = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(results), *cmd]
-    proc = subprocess.run(wrapped, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and ("mount:" in proc.stderr or "unshare:" in proc.stderr):
-        pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()[:200]}")
-    return proc
+    else:
+        if not (shutil.which("unshare") and shutil.which("mount")):
+            pytest.skip("running as root without unshare/mount: cannot make a read-only directory")
+        wrapped = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(results), *cmd]
+        proc = subprocess.run(wrapped, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 and ("mount:" in proc.stderr or "unshare:" in proc.stderr):
+            pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 def test_read_only_results(sweep, tmp_path):
@@ -209,16 +227,14 @@ def test_read_only_results(sweep, tmp_path):
     for kind in (RUNS, CURVES, SPECTRAL, OUTPUTS):
         part(out, kind, RUN_IDS[0]).unlink()  # one run missing: a re-run has something to write
     before = tree(out)
-    ran = _cli_read_only(out, "run", str(job), "--out", str(out))
-    assert ran.returncode == 2, ran.stdout + ran.stderr
-    assert ran.stderr.startswith("error: ") and ran.stderr.count("\n") == 1 and "cannot be written" in ran.stderr
     sql = "SELECT count(*) AS n FROM scaling WHERE measure = 'kernel_rel_dev_init'"
-    q = _cli_read_only(out, "query", str(out), sql)
-    assert q.returncode == 0 and " 1\n" in q.stdout, q.stdout + q.stderr
-    rep = _cli_read_only(out, "report", str(out), "--out", str(tmp_path / "rep"))
-    assert rep.returncode == 0 and (tmp_path / "rep" / "report.md").is_file(), rep.stderr[-2000:]
-    bad = _cli_read_only(out, "report", str(out))  # its default --out is inside the results
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--out" in bad.stderr, bad.stderr
+    ran, q, rep, bad = _cli_read_only(out, ["run", str(job), "--out", str(out)], ["query", str(out), sql],
+                                      ["report", str(out), "--out", str(tmp_path / "rep")], ["report", str(out)])
+    assert ran[0] == 2, ran
+    assert ran[2].startswith("error: ") and ran[2].count("\n") == 1 and "cannot be written" in ran[2], ran
+    assert q[0] == 0 and " 1\n" in q[1], q
+    assert rep[0] == 0 and (tmp_path / "rep" / "report.md").is_file(), rep
+    assert bad[0] == 2 and bad[2].count("\n") == 1 and "--out" in bad[2], bad  # its default is inside
     assert tree(out) == before
 
 
