@@ -871,7 +871,7 @@ def _gp_markdown(rows) -> list[str]:
     if with_bias:
         first = with_bias[0]
         lines += ["", f"Finite-width bias of the output covariance, from {first['seeds']} untrained networks per width "
-                  f"(`gp_seeds`) on {first['bias_points']} test points (estimator: `kernels.finite_width`; "
+                  f"(`gp_seeds`) on {int(first['bias_points'])} test points (estimator: `kernels.finite_width`; "
                   "the floor is what noise alone would show):", "",
                   "| width | bias ‖E[ffᵀ]−K‖/‖K‖ | 95% CI | noise floor | resolved |", "|---:|---:|---|---:|:---:|"]
         for r in with_bias:

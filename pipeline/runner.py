@@ -163,6 +163,9 @@ def run_sweep(
     from pipeline.train import load_subset
 
     start = time.perf_counter()
+    for flag, value in (("max_parallel", max_parallel), ("num_cpus", num_cpus)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"{flag}={value!r}: must be a positive integer")
     sweep = job if isinstance(job, Sweep) else load_sweep(job)
     runs = sweep.expand(data_dir)
     store = ResultsStore(out)
