@@ -23,9 +23,8 @@ import torch
 
 from kernels.finite_width import bias_residual, hidden_grams, limit_grams
 from kernels.mlp import MLP
+from pipeline.plan import GP_POINTS  # test points behind the bias: S residuals of GP_POINTS^2 float64 are held
 from pipeline.run_config import RunConfig
-
-GP_POINTS = 256  # test points behind the bias: S residuals of GP_POINTS^2 float64 each are held at once
 
 
 def gp_samples(config: RunConfig, subset: Any, seeds: int, *, points: int = GP_POINTS) -> dict:

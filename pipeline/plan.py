@@ -441,6 +441,52 @@ def estimate_analytic(config: RunConfig, in_dim: int, out_dim: int) -> int:
     return int(ANALYTIC_BASELINE_BYTES + inputs + tiles + max(solve, spectrum, nngp, ship))
 
 
+GP_POINTS = 256  # pipeline.gp_sample.GP_POINTS (test points behind the bias), without importing torch
+GP_BASELINE_BYTES = 400 * MIB
+
+
+@dataclass
+class GpPlan:
+    """One init-only task of ``gp_seeds`` (:mod:`pipeline.gp_sample`): ``seeds`` float64 networks of
+    ``config``'s width; peak host bytes, FLOPs and seconds on ``num_cpus`` CPU threads."""
+
+    config: RunConfig
+    seeds: int
+    peak_bytes: int
+    flops: float
+    seconds: float
+
+
+def estimate_gp(config: RunConfig, n_test: int, out_dim: int, in_dim: int, seeds: int, num_cpus: float) -> GpPlan:
+    """Cost of a ``gp_seeds`` task: per network a float64 forward on the test points, the hidden Grams on the
+    first ``GP_POINTS`` of them and ~6 kernel-map evaluations per hidden layer; it holds every residual
+    (``seeds x points^2`` float64) and their Gram. Used for the task's Ray ``memory=`` too."""
+    points = min(n_test, GP_POINTS)
+    w, depth = config.width, max(config.depth, 1)
+    forward = 2 * n_test * (in_dim * w + (depth - 1) * w * w + w * out_dim)
+    grams = 2 * points**2 * w * (depth - 1)
+    maps = 6 * 30 * points**2 * depth * max(depth - 1, 0)
+    flops = seeds * (forward + grams + maps) + 2 * seeds**2 * points**2
+    held = 8 * (seeds * points**2 + seeds**2) + 4 * seeds * n_test * out_dim + 8 * w * w * depth
+    return GpPlan(config, seeds, int(GP_BASELINE_BYTES + 3 * held), flops,
+                  flops / (CPU.host_flops_per_cpu * max(1, int(num_cpus))) + 1.0)
+
+
+def gp_configs(sweep: Sweep, runs: list[RunConfig]) -> list[RunConfig]:
+    """The run each ``gp_seeds`` task stands beside: per (group, width) its lowest seed, widths up to
+    ``gp_max_width``; none without ``gp_seeds``."""
+    if not sweep.gp_seeds:
+        return []
+    firsts: dict[str, RunConfig] = {}
+    for r in runs:
+        if sweep.gp_max_width is not None and r.width > sweep.gp_max_width:
+            continue
+        key = r.model_copy(update={"seed": 0}).run_id  # the (group, width) the run belongs to
+        if key not in firsts or r.seed < firsts[key].seed:
+            firsts[key] = r
+    return list(firsts.values())
+
+
 def gram_bytes(config: RunConfig, store: str, codec: str = GRAM_CODEC) -> int:
     """Bytes on disk of one run's stored empirical-NTK Grams: float32 ``(N, N)`` per Gram, compressed."""
     count = {"none": 0, "init": 1, "init+final": 2}[store]
@@ -807,6 +853,7 @@ class Plan:
     tasks: list[TaskPlan]
     analytic: list[AnalyticPlan]
     cluster: Cluster | None = None
+    gp: list[GpPlan] = field(default_factory=list)
 
     # -- per run
     def runs(self) -> list[dict[str, Any]]:
@@ -848,7 +895,11 @@ class Plan:
             "max_device_peak_memory_bytes": max((t.estimate.device_peak_bytes for t in self.tasks), default=0),
             "max_analytic_peak_memory_bytes": max((a.peak_bytes for a in self.analytic), default=0),
             "longest_task_seconds": max((t.estimate.seconds for t in self.tasks), default=0.0),
+            "gp_tasks": len(self.gp), "gp_cpu_hours": sum(g.seconds for g in self.gp) * res.num_cpus / 3600,
+            "max_gp_peak_memory_bytes": max((g.peak_bytes for g in self.gp), default=0),
         }
+        out["flops"] += sum(g.flops for g in self.gp)
+        out["cpu_hours"] += out["gp_cpu_hours"]
         if self.cluster is not None:
             out["cluster"] = self.cluster_summary()
         return out
@@ -923,13 +974,17 @@ def plan_sweep(sweep: Sweep, cluster_path: str | Path | None = None, *, data_dir
                                          fl / (CPU.host_flops_per_cpu * max(1, int(res.num_cpus))) + 2.0)
         est = estimate_pack(pack, in_dim, out_dim, store=store, device=dev, num_cpus=res.num_cpus)
         tasks.append(TaskPlan(pack, in_dim, out_dim, est, analytic[key].peak_bytes))
+    gp = []
+    for c in gp_configs(sweep, runs):
+        in_dim, out_dim = io_dims(c)
+        gp.append(estimate_gp(c, c.n_test, out_dim, in_dim, sweep.gp_seeds, res.num_cpus))
     if cluster is not None:
         for task in tasks:
             task.fits = [fit_task(node, res.num_cpus, res.num_gpus if on_gpu else 0.0, task.estimate.host_peak_bytes,
                                   task.estimate.device_peak_bytes) for node in cluster.node_types]
         for a in analytic.values():
             a.fits = [fit_task(node, res.num_cpus, 0.0, a.peak_bytes, 0) for node in cluster.node_types]
-    return Plan(sweep, dev, tasks, list(analytic.values()), cluster)
+    return Plan(sweep, dev, tasks, list(analytic.values()), cluster, gp)
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -997,6 +1052,12 @@ def format_table(plan: Plan) -> str:
                + (f", GPU {_gib(tot['max_device_peak_memory_bytes'])}" if gpu else "")
                + f", {_duration(tot['longest_task_seconds'])}; largest analytic task: host "
                f"{_gib(tot['max_analytic_peak_memory_bytes'])}")
+    if plan.gp:
+        widths = sorted({g.config.width for g in plan.gp})
+        out.append(f"gp_seeds: {len(plan.gp)} init-only tasks of {plan.sweep.gp_seeds} networks (widths "
+                   f"{widths[0]:,}-{widths[-1]:,}), {sum(g.flops for g in plan.gp):.3g} FLOP, "
+                   f"{tot['gp_cpu_hours']:,.2f} CPU-hours (included above), longest "
+                   f"{_duration(max(g.seconds for g in plan.gp))}, host {_gib(tot['max_gp_peak_memory_bytes'])}")
     if plan.cluster is not None:
         out.append("")
         out.extend(_format_cluster(plan))

@@ -112,31 +112,16 @@ GP_SAMPLES = "gp_samples"  # pipeline.gp_init.GP_SAMPLES, without importing the 
 
 
 def gp_todo(sweep: Sweep, runs: list[RunConfig], store: ResultsStore) -> list[RunConfig]:
-    """For ``gp_seeds``: one run per (group, width) (its lowest seed; widths up to ``gp_max_width``) whose
-    ``gp_samples`` row is missing."""
-    if not sweep.gp_seeds:
-        return []
+    """For ``gp_seeds``: the runs (:func:`pipeline.plan.gp_configs`) whose ``gp_samples`` row is missing."""
     from pipeline.gp_sample import gp_id
+    from pipeline.plan import gp_configs
 
-    firsts: dict[str, RunConfig] = {}
-    for r in runs:
-        if sweep.gp_max_width is not None and r.width > sweep.gp_max_width:
-            continue
-        key = r.model_copy(update={"seed": 0}).run_id  # the (group, width) the run belongs to
-        if key not in firsts or r.seed < firsts[key].seed:
-            firsts[key] = r
+    configs = gp_configs(sweep, runs)
+    if not configs:
+        return []
     table = store.table(GP_SAMPLES, warn=False) if (store.root / GP_SAMPLES).is_dir() else None
     have = set(table.column("gp_id").to_pylist()) if table is not None and table.num_rows else set()
-    return [r for r in firsts.values() if gp_id(r, sweep.gp_seeds) not in have]
-
-
-def _gp_memory(config: RunConfig, n_test: int, k: int, seeds: int) -> int:
-    """Ray ``memory=`` of a gp task: the residuals and their Gram (float64), the outputs, one network, slack."""
-    from pipeline.gp_sample import GP_POINTS
-
-    points = min(n_test, GP_POINTS)
-    held = 8 * (seeds * points**2 + seeds**2) + 4 * seeds * n_test * k + 8 * config.width**2 * config.depth
-    return int(3 * held + 400 * 2**20)
+    return [r for r in configs if gp_id(r, sweep.gp_seeds) not in have]
 
 
 def run_sweep(
@@ -253,12 +238,15 @@ def run_sweep(
 
 def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, ray) -> dict:
     """Start the init-only GP tasks (``gp_seeds``); they run beside the training packs."""
+    from pipeline.plan import estimate_gp
+
     res = sweep.resources
     task = ray.remote(_gp_task)
     refs = {}
     for c in configs:
         subset = subsets[subset_args(c)]
-        memory = _gp_memory(c, subset.n_test, subset.y_train.shape[1], sweep.gp_seeds)
+        memory = estimate_gp(c, subset.n_test, subset.y_train.shape[1], subset.dim, sweep.gp_seeds,
+                             res.num_cpus).peak_bytes
         ref = task.options(num_cpus=res.num_cpus, num_gpus=0, memory=memory, max_retries=res.max_retries,
                            retry_exceptions=False).remote(c, ray.put(subset), sweep.gp_seeds, res.num_cpus)
         refs[ref] = c

@@ -55,6 +55,16 @@ def test_gp_seeds_resolves_the_depth_two_bias_and_resumes_without_writing(tmp_pa
     assert (gp["nngp_cov_rel_err_floor"] > 5 * gp["nngp_bias_rel"]).all()
 
 
+def test_plan_counts_the_gp_tasks():
+    from pipeline.plan import format_table, plan_sweep
+    from pipeline.spec import parse_sweep
+
+    plan = plan_sweep(parse_sweep({**JOB, "gp_max_width": 64}))
+    assert [g.config.width for g in plan.gp] == [32, 64] and all(g.seeds == 64 for g in plan.gp)
+    assert plan.totals()["gp_tasks"] == 2 and "gp_seeds: 2 init-only tasks of 64 networks" in format_table(plan)
+    assert not plan_sweep(parse_sweep({**JOB, "gp_seeds": 0})).gp
+
+
 @pytest.mark.parametrize("value", [1, 2, -1, 5000])
 def test_gp_seeds_out_of_range_is_one_line_and_writes_nothing(tmp_path, capsys, value):
     out = tmp_path / "r"
