@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     gram_job.add_arguments(gram)
     gram.set_defaults(func=gram_job.main)
 
+    from pipeline import predict  # light module: heavy imports happen inside its main()
+
+    predict_cmd = sub.add_parser("predict", help="infinite-width (NNGP/NTK kernel regression) test predictions, "
+                                 "Grams on disk, out of core when large")
+    predict.add_arguments(predict_cmd)
+    predict_cmd.set_defaults(func=predict.main)
+
     from pipeline import query, report  # light modules: heavy imports happen inside their main()
 
     query_cmd = sub.add_parser("query", help="SQL (DuckDB) over the runs, curves and aggregate tables")

@@ -60,16 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", default=None,
                       help="dataset root (default: $NTK_SWEEP_DATA, else the user cache)")
 
-    kern = parser.add_argument_group("kernel")
-    kern.add_argument("--kernel", default="ntk", choices=KINDS, help="ntk (default) or nngp")
-    kern.add_argument("--depth", type=int, default=3, help="hidden layers (default 3)")
-    kern.add_argument("--activation", default="relu", help="relu (default), erf, gelu, tanh, ...")
-    kern.add_argument("--w-std", type=float, default=2**0.5, help="weight std (default sqrt 2)")
-    kern.add_argument("--b-std", type=float, default=0.0, help="bias std (default 0)")
-    kern.add_argument("--parameterization", default="ntk", choices=("ntk", "standard"))
-    kern.add_argument("--width", type=int, default=None, help="width (standard-parameterisation NTK only)")
-    kern.add_argument("--impl", default="auto", choices=IMPLS,
-                      help="auto (default): compiled fused ReLU kernel for large Grams, else fused/generic")
+    add_kernel_arguments(parser)
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="Zarr store folder (created if absent)")
@@ -87,6 +78,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--workers", type=int, default=None, help="tiles at once (threads; default: cores)")
     run.add_argument("--torch-threads", type=int, default=None, help="torch threads per tile (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
+    """The kernel options, shared with ``ntk-sweep predict``."""
+    kern = parser.add_argument_group("kernel")
+    kern.add_argument("--kernel", default="ntk", choices=KINDS, help="ntk (default) or nngp")
+    kern.add_argument("--depth", type=int, default=3, help="hidden layers (default 3)")
+    kern.add_argument("--activation", default="relu", help="relu (default), erf, gelu, tanh, ...")
+    kern.add_argument("--w-std", type=float, default=2**0.5, help="weight std (default sqrt 2)")
+    kern.add_argument("--b-std", type=float, default=0.0, help="bias std (default 0)")
+    kern.add_argument("--parameterization", default="ntk", choices=("ntk", "standard"))
+    kern.add_argument("--width", type=int, default=None, help="width (standard-parameterisation NTK only)")
+    kern.add_argument("--impl", default="auto", choices=IMPLS,
+                      help="auto (default): compiled fused ReLU kernel for large Grams, else fused/generic")
+
+
+def build_kernel(args: argparse.Namespace) -> Any:
+    """The :class:`kernels.gram.AnalyticKernel` of the kernel options (bad values: :class:`UserError`)."""
+    from kernels.gram import AnalyticKernel
+
+    try:
+        return AnalyticKernel(
+            kind=args.kernel, depth=args.depth, activation=args.activation, w_std=args.w_std,
+            b_std=args.b_std, parameterization=args.parameterization, width=args.width, dtype=args.dtype,
+            impl=args.impl,
+        )
+    except ValueError as exc:
+        raise UserError(f"kernel options: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -162,6 +181,22 @@ def load_inputs(
     ``n_train = n_test = None``: the whole split(s) (see the module docstring for the preprocessing);
     otherwise the class-balanced subset of :func:`pipeline.data.make_subset`.
     """
+    x, _, attrs = load_inputs_labels(dataset, split, n_train=n_train, n_test=n_test, seed=seed,
+                                     preprocess=preprocess, data_dir=data_dir)
+    return x, attrs
+
+
+def load_inputs_labels(
+    dataset: str,
+    split: str,
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    preprocess: str = "per_image",
+    data_dir: str | None = None,
+) -> tuple[Any, dict]:
+    """:func:`load_inputs` and the rows' labels, ``(N,) int64`` class indices (into the subset's classes)."""
     import numpy as np
 
     from pipeline import data
@@ -171,7 +206,9 @@ def load_inputs(
     attrs: dict = {"dataset": dataset, "split": split, "preprocess": preprocess}
     if n_train is None and n_test is None:
         needed = sorted(set(parts) | ({"train"} if preprocess == "standardize" else set()))
-        images = {s: data.load_dataset(dataset, root, s)[0] for s in needed}
+        loaded = {s: data.load_dataset(dataset, root, s) for s in needed}
+        images = {s: v[0] for s, v in loaded.items()}
+        labels = np.concatenate([np.asarray(loaded[s][1], dtype=np.int64) for s in parts])
         pixel_max = data.PIXEL_MAX[dataset]
         stats = _standardize_stats(images["train"], pixel_max) if preprocess == "standardize" else None
         sizes = [len(images[s]) for s in parts]
@@ -188,7 +225,7 @@ def load_inputs(
             warn_if_dominated(x, preprocess)
         attrs.update(n="all", rows=rows, pixel_max=pixel_max,
                      statistics="train split" if preprocess == "standardize" else None)
-        return x, attrs
+        return x, labels, attrs
     k = data.NUM_CLASSES
     subset = data.make_subset(
         dataset, root, n_train=k if n_train is None else n_train, n_test=k if n_test is None else n_test,
@@ -202,7 +239,9 @@ def load_inputs(
         start += len(blocks[s])
     attrs.update(n="subset", subset_key=subset.key, seed=seed, n_train=subset.n_train, n_test=subset.n_test,
                  classes=list(subset.classes), rows=rows)
-    return x, attrs
+    label_blocks = {"train": subset.labels_train, "test": subset.labels_test}
+    labels = np.concatenate([np.asarray(label_blocks[s], dtype=np.int64) for s in parts])
+    return x, labels, attrs
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -228,16 +267,9 @@ def main(args: argparse.Namespace) -> int:
 
     import os
 
-    from kernels.gram import AnalyticKernel, GramError, gram_to_zarr
+    from kernels.gram import GramError, gram_to_zarr
 
-    try:
-        kernel = AnalyticKernel(
-            kind=args.kernel, depth=args.depth, activation=args.activation, w_std=args.w_std,
-            b_std=args.b_std, parameterization=args.parameterization, width=args.width, dtype=args.dtype,
-            impl=args.impl,
-        )
-    except ValueError as exc:
-        raise UserError(f"kernel options: {exc}") from None
+    kernel = build_kernel(args)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a folder")
