@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     activation: str = "relu"
     w_std: float = Field(2**0.5, gt=0)
     b_std: float = Field(0.0, ge=0)
-    parameterization: Literal["ntk", "standard"] = "ntk"
+    parameterization: Literal["ntk", "standard", "mup"] = "ntk"  # mup: kernels.mlp (Yang & Hu 2021, Table 3)
     # training
     seed: int = Field(0, ge=0, le=MAX_SEED)
     optimizer: Literal["gd", "sgd"] = "gd"
@@ -137,10 +137,11 @@ def subset_args(config: RunConfig) -> tuple:
 
 def analytic_args(config: RunConfig) -> tuple:
     """What identifies the analytic kernels of a run: its subset and architecture (and, in standard
-    parameterisation, its width, on which that NTK depends)."""
+    parameterisation, its width, on which that NTK depends). μP shares the NTK-parameterisation kernels: its
+    empirical NTK at init is the NTK one (kernels.mlp)."""
     width = config.width if config.parameterization == "standard" else None
-    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std,
-            config.parameterization, width)
+    param = "ntk" if config.parameterization == "mup" else config.parameterization
+    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std, param, width)
 
 
 def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int = 512) -> list[list[RunConfig]]:

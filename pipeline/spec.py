@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kernels.activations import get_activation
 from pipeline import plan
@@ -96,7 +96,7 @@ class ArchitectureSpec(_Strict):
     activation: str = "relu"
     w_std: float = Field(2**0.5, gt=0)
     b_std: float = Field(0.0, ge=0)
-    parameterization: Literal["ntk", "standard"] = "ntk"
+    parameterization: Literal["ntk", "standard", "mup"] = "ntk"
 
     _listify = field_validator("depth", mode="before")(_positive_list)
 
@@ -173,6 +173,13 @@ class Sweep(_Strict):
         if 0 < value < 3:
             raise ValueError("0 (off) or at least 3 (the bias's jackknife needs 3 networks), got " + str(value))
         return value
+
+    @model_validator(mode="after")
+    def _gp_not_mup(self) -> Sweep:
+        if self.gp_seeds and any(a.parameterization == "mup" for a in self.architectures):
+            raise ValueError("gp_seeds: the GP check compares outputs at init with the NNGP, which mup outputs "
+                             "(O(n^-1/2) at init) do not follow; use gp_seeds: 0 with parameterization mup")
+        return self
 
     @field_validator("seeds")
     @classmethod

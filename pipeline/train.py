@@ -20,6 +20,15 @@ linearisation (``Theta_hat0``, the full ``nK x nK`` empirical NTK at init, whose
 the limit's at small width). So ``lr_scale < 1`` is safe at every width, and at large width the rate
 is the analytic one. An absolute ``lr`` overrides it. ``lr`` and ``lr_critical`` are recorded per run.
 
+μP (``parameterization: mup``, :mod:`kernels.mlp`: Yang & Hu 2021, Table 3, one global rate for every
+layer). Its empirical NTK at init, with respect to its own parameters, equals the NTK-parameterisation one
+exactly, so ``lr_critical`` and ``lr_scale`` keep their meaning (the stability edge of the linearised
+dynamics at init) and give a width-independent base rate: the same rate as an NTK run of the same seed.
+Unlike NTK training, μP training moves that kernel by O(1) at every width, so the network can leave the
+linearised regime (and, well above ``lr_scale`` 1, diverge where its linearisation would not). The
+measurements are the same, except the ones that compare the network with the kernel-regime limit, which
+μP does not follow: :data:`KERNEL_REGIME_ONLY` are NaN under μP (README, column list).
+
 Everything is a pure function of the :class:`~pipeline.run_config.RunConfig` (deterministic on CPU).
 """
 
@@ -64,6 +73,13 @@ SCALAR_METRICS = (
 # which the spectral-bias table sums residual energy; the last band runs to n.
 SPECTRAL_BANDS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, None))
 MAX_EIGH = 4096  # n_train up to which train-set spectra and the spectral-bias table are computed
+# Measures of how the network compares with the kernel-regime (analytic NTK/NNGP) limit of infinitely wide
+# networks. μP networks do not have that limit (their kernel moves by O(1) in training), so under μP these
+# are NaN rather than a number that reads as a convergence measure.
+KERNEL_REGIME_ONLY = (
+    "ntk_test_acc", "nngp_test_acc", "ntk_test_loss", "nngp_test_loss", "ntk_own_test_acc", "ntk_own_test_loss",
+    "rmse_nn_ntk_test", "rmse_nn_ntk_mean_test", "train_loss_pred_ratio",
+)
 CURVE_COLUMNS = (
     "step", "train_loss", "test_loss", "train_acc", "test_acc",
     "lin_train_loss", "lin_test_loss", "lin_train_acc", "lin_test_acc",
@@ -213,8 +229,11 @@ def load_subset(config: RunConfig) -> Subset:
 
 
 def _arch(config: RunConfig) -> dict[str, Any]:
+    """The analytic-kernel arguments of a config. μP maps to NTK: its empirical NTK at init equals the
+    NTK-parameterisation one for the same draws (kernels.mlp), so its limit at init is the same ``Theta``."""
+    param = "ntk" if config.parameterization == "mup" else config.parameterization
     return dict(depth=config.depth, activation=config.activation, w_std=config.w_std, b_std=config.b_std,
-                parameterization=config.parameterization,
+                parameterization=param,
                 width=config.width if config.parameterization == "standard" else None)
 
 
@@ -752,7 +771,7 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
         res.status = "diverged"
         m["diverged_step"] = float(diverged_at)
         res.error = f"loss exploded or became non-finite by step {diverged_at} (lr={lr:.4g})"
-        res.metrics.update(m)
+        res.metrics.update(_kernel_regime_nan(m, res.config))
         return True
     m["kernel_rel_change"] = norms["change"] / norms["init"]
     m["kernel_rel_change_train"] = norms["change_train"] / norms["init_train"]
@@ -793,8 +812,15 @@ def _measure(res: RunResult, s: int, subset: Subset, analytic: AnalyticBlocks, m
     if lin_closed is not None and steps == res.config.steps:
         # The network's own empirical NTK predicts the trained linear model exactly.
         m["lin_closed_form_rel_err"] = float(np.linalg.norm(lin_closed - lin_te) / np.linalg.norm(lin_te))
-    res.metrics.update(m)
+    res.metrics.update(_kernel_regime_nan(m, res.config))
     return False
+
+
+def _kernel_regime_nan(m: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """``m`` with :data:`KERNEL_REGIME_ONLY` set to NaN under μP."""
+    if config.parameterization == "mup":
+        m.update(dict.fromkeys(KERNEL_REGIME_ONLY, math.nan))
+    return m
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
