@@ -19,11 +19,11 @@ time, so it is never held whole. Nothing here reads files by name or knows Ray.
 * ``"float64"``: the matrix in memory in float64 (``8 n^2`` bytes), Cholesky (LAPACK ``dpotrf``) in place,
   LU if it is numerically indefinite. Exact to float64 rounding of the *stored* Gram's entries.
 * ``"float32-pcg"``: the matrix in memory in float32 only (``4 n^2`` bytes; 10 GB at n = 50,000), factorised
-  in place with ``spotrf``; that factor preconditions a conjugate-gradient solve of the float64 system whose
+  in place by :func:`blocked_cholesky`; that factor preconditions a conjugate-gradient solve of the float64 system whose
   matrix-vector products are float64, streamed panel by panel from ``k_train`` (each iteration reads the
   stored Gram once). It stops when every column's residual ``|y - (K + lambda I) x| / |y|`` is below
   ``tol`` (default ``1e-10``), so it converges to the float64 solution of the stored Gram, not to a float32
-  one; when ``spotrf`` fails (the float32 matrix is not numerically positive definite) the preconditioner
+  one; when the float32 Cholesky fails (the float32 matrix is not numerically positive definite) the preconditioner
   alone gets a larger shift, and the iteration count grows instead of the answer changing.
 
 ``time`` (gradient-descent time of the NTK mean predictor, loss ``1/(2n) sum |f - y|^2``, ``f0 = 0``):
@@ -224,8 +224,12 @@ def _solve_float64(k, y, n, diag_reg, absolute, time, overwrite, seconds) -> Sol
         seconds["factor"] = _time.perf_counter() - t
         return SolveResult(alpha=alpha, pred=None, method="float64-eigh", lam=lam)
     try:
-        f = cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
-        alpha = cho_solve(f, y, check_finite=False)
+        if n * n < 2**31:
+            f = cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+            alpha = cho_solve(f, y, check_finite=False)
+        else:  # scipy's LAPACK wrappers index with 32 bits
+            blocked_cholesky(a)
+            alpha = blocked_cho_solve(a, y)
         kind = "float64"
     except np.linalg.LinAlgError:  # numerically indefinite: LU of a fresh copy
         del a
@@ -238,41 +242,91 @@ def _solve_float64(k, y, n, diag_reg, absolute, time, overwrite, seconds) -> Sol
     return SolveResult(alpha=alpha, pred=None, method=kind, lam=lam)
 
 
-def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose) -> SolveResult:
-    from scipy.linalg.lapack import spotrf, spotrs
+def blocked_cholesky(a: np.ndarray, block: int = _PANEL) -> None:
+    """Lower Cholesky factor of the symmetric ``a`` (C-ordered; its lower triangle is read), in place: on
+    return ``a``'s lower triangle holds ``L`` (the strict upper triangle is left stale). Right-looking by
+    ``block``-wide panels: torch factors each diagonal block and solves each panel, numpy's BLAS (64-bit
+    indices) does the trailing updates. scipy's LAPACK wrappers index with 32 bits and crash past
+    ``n^2 = 2^31`` entries (n ~ 46,000), and a whole-matrix torch factor would copy it. Raises
+    ``numpy.linalg.LinAlgError`` when ``a`` is not numerically positive definite."""
+    import torch
 
+    n = len(a)
+    for k0 in range(0, n, block):
+        k1 = min(n, k0 + block)
+        d = np.tril(a[k0:k1, k0:k1])
+        d += np.tril(d, -1).T
+        lkk, info = torch.linalg.cholesky_ex(torch.from_numpy(d))
+        if int(info) != 0 or not bool(torch.isfinite(lkk).all()):
+            raise np.linalg.LinAlgError(f"leading minor {k0 + int(info)} not positive definite")
+        a[k0:k1, k0:k1] = lkk.numpy()
+        del d
+        if k1 == n:
+            break
+        panel = torch.from_numpy(a[k1:, k0:k1])  # L_ik = A_ik L_kk^-T
+        a[k1:, k0:k1] = torch.linalg.solve_triangular(lkk.T, panel, upper=True, left=False).numpy()
+        del panel
+        for i0 in range(k1, n, block):
+            i1 = min(n, i0 + block)
+            a[i0:i1, k1:i1] -= a[i0:i1, k0:k1] @ a[k1:i1, k0:k1].T
+
+
+def blocked_cho_solve(a: np.ndarray, r: np.ndarray, block: int = _PANEL) -> np.ndarray:
+    """``(L L^T)^-1 r`` for the factor :func:`blocked_cholesky` left in ``a`` (in ``a``'s dtype)."""
+    import torch
+
+    n = len(a)
+    z = np.array(r, dtype=a.dtype, copy=True)
+    starts = list(range(0, n, block))
+    for k0 in starts:
+        k1 = min(n, k0 + block)
+        if k0:
+            z[k0:k1] -= a[k0:k1, :k0] @ z[:k0]
+        lkk = torch.from_numpy(np.tril(a[k0:k1, k0:k1]))
+        z[k0:k1] = torch.linalg.solve_triangular(lkk, torch.from_numpy(z[k0:k1]), upper=False).numpy()
+    for k0 in reversed(starts):
+        k1 = min(n, k0 + block)
+        if k1 < n:
+            z[k0:k1] -= a[k1:, k0:k1].T @ z[k1:]
+        lkk = torch.from_numpy(np.tril(a[k0:k1, k0:k1]))
+        z[k0:k1] = torch.linalg.solve_triangular(lkk.T, torch.from_numpy(z[k0:k1]), upper=True).numpy()
+    return z
+
+
+def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose) -> SolveResult:
     t = _time.perf_counter()
     a = _load(k, n, np.float32)
     diag = np.diagonal(a).astype(np.float64)
     seconds["load"] = _time.perf_counter() - t
     lam = _lam(diag, diag_reg, absolute)
     mean_diag = float(np.mean(diag))
-    shift, factor = lam, None
+    shift, ok = lam, False
     t = _time.perf_counter()
     for attempt in range(8):
         a.flat[:: n + 1] = (diag + shift).astype(np.float32)
-        # a is C-ordered and symmetric, so a.T is the same matrix in Fortran order: factor it in place
-        c, info = spotrf(a.T, lower=1, clean=0, overwrite_a=1)
-        if info == 0:
-            factor = c
+        try:
+            blocked_cholesky(a)
+            ok = True
             break
+        except np.linalg.LinAlgError:
+            pass
         if attempt == 7:
             break
         # not positive definite in float32: reload and shift the preconditioner only
         a = None
-        del c
         a = _load(k, n, np.float32)
         shift = max(lam, mean_diag * 1e-7) * 10.0 ** (attempt + 1)
-    if factor is None:
+        if verbose:
+            print(f"float32 Cholesky failed; preconditioner shift {shift:.3g}", flush=True)
+    if not ok:
         raise SolveError(f"float32 Cholesky failed even with a shift of {shift:.3g}; raise diag_reg")
     seconds["factor"] = _time.perf_counter() - t
+    if verbose:
+        print(f"float32 Cholesky: {seconds['factor']:.1f} s", flush=True)
 
     def precond(r: np.ndarray) -> np.ndarray:
         scale = np.maximum(np.abs(r).max(axis=0), 1e-300)
-        z, info = spotrs(factor, (r / scale).astype(np.float32), lower=1)
-        if info != 0:
-            raise SolveError(f"spotrs failed (info={info})")
-        return z.astype(np.float64) * scale
+        return blocked_cho_solve(a, r / scale).astype(np.float64) * scale
 
     def matvec(x: np.ndarray) -> np.ndarray:
         return _matmul_stream(k, x) + lam * x
@@ -307,6 +361,6 @@ def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose) -> 
         rz = rz_new
     rel = np.linalg.norm(y - matvec(x), axis=0) / ynorm  # the true residual
     seconds["iterate"] = _time.perf_counter() - t
-    del a
+    del precond
     return SolveResult(alpha=x, pred=None, method="float32-pcg", lam=lam, iterations=it,
                        residual=float(rel.max()), precond_shift=shift)
