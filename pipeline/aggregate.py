@@ -74,6 +74,19 @@ EXPECTED_EXPONENT = {
     "rmse_nn_lin_test": "between -1/2 and -1",
     "weight_distance": "0, bounded",
 }
+# μP (Yang & Hu 2021): its kernel at init is the NTK one (kernels.mlp), so it converges as n^-1/2; in training
+# the kernel, the features and the input and output weights move by O(1) at every width. The hidden n x n
+# weights move by O(1) in operator norm, i.e. n^-1/2 of their Frobenius norm (sqrt(n)), which also carries
+# the total parameter norm.
+EXPECTED_EXPONENT_MUP = {
+    "kernel_rel_dev_init": "-1/2",
+    "kernel_rel_change": "0",
+    "weight_rel_change": "-1/2",
+    "weight_distance": "0, bounded",
+    "rmse_nn_lin_test": "0",
+    "disagree_nn_lin_test": "0",
+    "relu_flip_frac": "0",
+}
 NOT_GROUPED = ("seed", "width", "lr", "sweep", "data_dir", "device")
 STATUSES = ("ok", "diverged", "failed")
 BOOTSTRAP = 2000
@@ -218,12 +231,19 @@ def deviation_measures(names: list[str] | tuple[str, ...]) -> list[str]:
     return [m for m in DEVIATION_MEASURES if m in names] + layers
 
 
-def expected_exponent(measure: str, n_layers: int | None = None) -> str:
-    """The exponent Lee et al. (2019) report (NTK parameterisation, small learning rate), or ''."""
+def expected_exponent(measure: str, n_layers: int | None = None, parameterization: str = "ntk") -> str:
+    """The expected width exponent of a measure, or '': for ``"ntk"`` what Lee et al. (2019) report (NTK
+    parameterisation, small learning rate); for ``"mup"`` the feature-learning regime of Yang & Hu (2021)
+    (:data:`EXPECTED_EXPONENT_MUP`); none for ``"standard"``."""
+    if parameterization not in ("ntk", "mup"):
+        return ""
+    mup = parameterization == "mup"
     if measure.startswith("weight_rel_change_layer") and n_layers:
         i = int(measure[23:])
-        return "-1/2" if i in (0, n_layers - 1) else "-1"
-    return EXPECTED_EXPONENT.get(measure, "")
+        if i in (0, n_layers - 1):
+            return "0" if mup else "-1/2"
+        return "-1/2" if mup else "-1"
+    return (EXPECTED_EXPONENT_MUP if mup else EXPECTED_EXPONENT).get(measure, "")
 
 
 # ----------------------------------------------------------------------------------------------

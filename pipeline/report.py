@@ -148,8 +148,14 @@ def build_report(results: str | Path, out: str | Path | None = None, *, max_grou
             notes.append(f"{g.label}: no training-curve plot ({reason}).")
         _phenomena(g, bw, runs_table, runs, sel, spectral, gp, gp_skipped, out)
 
+    regimes = []
+    for i, cluster in enumerate(regime_clusters(groups)):
+        name = "regimes.png" if i == 0 else f"regimes_{i + 1}.png"
+        if _plot_regimes(by_width, scaling, runs, cluster, out / name):
+            regimes.append((cluster, name))
     heatmap, heatmap_note = _plot_heatmap(root, runs_table, runs, groups, out / "ntk_heatmap.png")
     md = _markdown(root, runs, groups[:max_groups], groups, scaling, by_width, heatmap, heatmap_note, notes)
+    md = md.replace(REGIMES_MARK, "\n".join(_regimes_markdown(scaling, regimes)))
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text(md)
@@ -184,8 +190,125 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _is_ntk_param(g: Group) -> bool:
-    return g.settings.get("parameterization", "ntk") == "ntk"
+def _param(g: Group) -> str:
+    return str(g.settings.get("parameterization", "ntk"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Regimes: groups that differ only in parameterization, side by side
+
+REGIMES_MARK = "<!-- regimes -->"
+PARAM_COLORS = {"ntk": "C0", "standard": "C2", "mup": "C3"}
+PARAM_NAMES = {"ntk": "NTK", "standard": "standard", "mup": "μP"}
+REGIME_MEASURES = ("kernel_rel_change", "kernel_rel_dev_init", "rmse_nn_lin_test", "relu_flip_frac",
+                   "weight_rel_change", "weight_distance")
+
+
+def regime_clusters(groups: list[Group]) -> list[list[Group]]:
+    """Sets of groups whose settings differ only in ``parameterization`` (two or more parameterisations),
+    ordered ntk, standard, mup within a set; sets in the order of their first group."""
+    clusters: dict[str, list[Group]] = {}
+    for g in groups:
+        key = repr(sorted((k, repr(v)) for k, v in g.settings.items() if k != "parameterization"))
+        clusters.setdefault(key, []).append(g)
+    order = list(PARAM_COLORS)
+    out = []
+    for members in clusters.values():
+        if len({_param(g) for g in members}) > 1:
+            out.append(sorted(members, key=lambda g: order.index(_param(g)) if _param(g) in order else len(order)))
+    return out
+
+
+def _hidden_layers(fits_by_group: list[dict]) -> list[str]:
+    names = set().union(*[set(f) for f in fits_by_group]) if fits_by_group else set()
+    layers = sorted((m for m in names if m.startswith("weight_rel_change_layer")), key=lambda m: int(m[23:]))
+    return layers
+
+
+def _plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> bool:
+    """One panel per measure, one colour per parameterisation: seeds, means with CIs and the fits."""
+    from pipeline.aggregate import expected_exponent
+
+    fits = [{r["measure"]: r for r in scaling[scaling["group_id"] == g.group_id].to_dict("records")}
+            for g in cluster]
+    layers = _hidden_layers(fits)
+    panels = [m for m in (*REGIME_MEASURES, *layers) if any(m in f for f in fits)]
+    if not panels:
+        return False
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(4.4 * ncols, 3.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    all_widths = runs.width[sum((runs.gid == g.index) for g in cluster).astype(bool)]
+    for ax, m in zip(axes.flat, panels, strict=False):
+        visible, soft, expected = [], [], []
+        for g, f in zip(cluster, fits, strict=True):
+            if m not in f:
+                continue
+            sel = (runs.gid == g.index) & (runs.status == "ok")
+            bw = by_width[by_width["group_id"] == g.group_id]
+            p = _param(g)
+            _, v, c = _draw_measure(ax, bw, f[m], runs, sel, m, PARAM_COLORS.get(p, "C7"), PARAM_NAMES.get(p, p),
+                                    references=False)
+            visible += v
+            soft += c
+            e = expected_exponent(m, len(layers), p)
+            if e:
+                expected.append(f"{PARAM_NAMES.get(p, p)} {e}")
+        if m.startswith("weight_rel_change_layer"):
+            i = int(m[23:])
+            role = "input" if i == 0 else "output" if i == len(layers) - 1 else "hidden"
+            ax.set_ylabel(rf"$\|W^{{({i})}}_T-W^{{({i})}}_0\|_F\,/\,\|W^{{({i})}}_0\|_F$ ({role})")
+        else:
+            ax.set_ylabel(LABELS.get(m, m))
+        ax.set_title(m + (f"\nexpected: {'; '.join(expected)}" if expected else ""), fontsize=9.5)
+        _log_axes(ax, all_widths)
+        _set_log_ylim(ax, visible, soft)
+        ax.set_xlabel("width $n$")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    label = cluster[0].label.replace(f"parameterization={_param(cluster[0])}", "").strip(", ")
+    fig.suptitle(f"Lazy (NTK) and rich (μP) regimes vs width: {label}\n"
+                 "mean over seeds with 95% CI (seeds faint); fitted exponent per parameterisation", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    return True
+
+
+def _regimes_markdown(scaling, regimes: list[tuple[list[Group], str]]) -> list[str]:
+    if not regimes:
+        return []
+    from pipeline.aggregate import expected_exponent
+
+    lines = ["## Regimes: parameterisations side by side", "",
+             "Groups that differ only in `parameterization`. NTK: lazy training, the kernel and the weights "
+             "freeze as the width grows (Lee et al. 2019); μP (Yang & Hu 2021): the features and the kernel keep "
+             "moving by O(1) at every width. Each cell: fitted exponent [95% CI] (expected).", ""]
+    for cluster, name in regimes:
+        fits = [{r["measure"]: r for r in scaling[scaling["group_id"] == g.group_id].to_dict("records")}
+                for g in cluster]
+        layers = _hidden_layers(fits)
+        params = [_param(g) for g in cluster]
+        lines += [f"![regimes]({name})", "",
+                  "| measure | " + " | ".join(PARAM_NAMES.get(p, p) for p in params) + " |",
+                  "|---|" + "---|" * len(params)]
+        for m in (*REGIME_MEASURES, *layers):
+            if not any(m in f for f in fits):
+                continue
+            cells = []
+            for p, f in zip(params, fits, strict=True):
+                r = f.get(m)
+                if r is None or not math.isfinite(r["exponent"]):
+                    cells.append("–")
+                    continue
+                ci = f" [{_cell(r['ci_low'], '{:.2f}')}, {_cell(r['ci_high'], '{:.2f}')}]" \
+                    if math.isfinite(r["ci_low"]) else ""
+                e = expected_exponent(m, len(layers), p)
+                cells.append(f"{_cell(r['exponent'], '{:.2f}')}{ci}" + (f" ({e})" if e else ""))
+            lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +454,7 @@ def _plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
             visible, soft = [], []
             for i, m in enumerate(layers):
                 role = "input" if i == 0 else "output" if i == len(layers) - 1 else "hidden"
-                expected = expected_exponent(m, len(layers)) if _is_ntk_param(g) else ""
+                expected = expected_exponent(m, len(layers), _param(g))
                 label = f"layer {i} ({role}{', exp. ' + expected if expected else ''})"
                 _, v, c = _draw_measure(ax, bw, fits[m], runs, sel, m, colors[i], label, references=False)
                 visible += v
@@ -350,7 +473,7 @@ def _plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
             ax.set_ylabel(r"$\|W^{(l)}_T-W^{(l)}_0\|_F\,/\,\|W^{(l)}_0\|_F$")
         else:
             note, visible, soft = _draw_measure(ax, bw, fits[panel], runs, sel, panel, "C0", None, references=True)
-            expected = expected_exponent(panel) if _is_ntk_param(g) else ""
+            expected = expected_exponent(panel, parameterization=_param(g))
             title = panel + (f"   (expected {expected})" if expected else "")
             ax.set_title(title, fontsize=10)
             ax.set_ylabel(LABELS.get(panel, panel))
@@ -1108,7 +1231,9 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
         "different widths are not independent); none with one seed, wide with two. Values ≤ 0 cannot be "
         "logged: they are left out, and the note says which way that biases the exponent. "
         "Expected: what Lee et al. (2019) report for NTK parameterisation and a "
-        "small learning rate. No slope is imposed.",
+        "small learning rate; for μP (`parameterization: mup`) the feature-learning regime of Yang & Hu (2021): "
+        "the kernel, the features and the input and output weights keep moving (0), the hidden n × n weights "
+        "by O(1) in operator norm, n^-1/2 of their Frobenius norm. No slope is imposed.",
         "",
     ]
     many = len(groups) > 1
@@ -1121,7 +1246,7 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
             f = fits[m]
             ci = f"[{_cell(f['ci_low'])}, {_cell(f['ci_high'])}]" if math.isfinite(f["ci_low"]) else "–"
             span = f"{f['width_min']}–{f['width_max']} ({f['n_widths']})" if f["n_widths"] else "–"
-            expected = expected_exponent(m, n_layers) if _is_ntk_param(g) else ""
+            expected = expected_exponent(m, n_layers, _param(g))
             used = f"{f['n_points']} ({f['n_dropped']})" if f["n_dropped"] else f"{f['n_points']}"
             label = f"`{m}`" + (f" ({f['note']})" if f["note"] and "dropped" not in f["note"] else "")
             table.append((f"| {g.label} " if many else "") + f"| {label} | {_cell(f['exponent'])} | {ci} | "
@@ -1132,7 +1257,7 @@ def _markdown(root: Path, runs, drawn: list[Group], groups: list[Group], scaling
         lines += [("| group " if many else "") + header, ("|---" if many else "") + rule, *table]
     else:
         lines.append("No exponent could be fitted: no deviation measure has ok runs.")
-    lines.append("")
+    lines += ["", REGIMES_MARK]
 
     for g in drawn:
         lines += [f"## {g.label}", ""]

@@ -135,3 +135,33 @@ def test_spec_accepts_mup_and_refuses_gp_check():
         parse_sweep({**_sweep(parameterization="mup"), "gp_seeds": 8})
     with pytest.raises(UserError, match="parameterization"):
         parse_sweep(_sweep(parameterization="mean_field"))
+
+
+def test_report_draws_the_regimes_side_by_side(tmp_path):
+    """Synthetic runs, NTK with a kernel change ~ n^-0.7 and μP with ~ n^0: the report draws regimes.png
+    and a table with one column per parameterisation and its expected exponents."""
+    import numpy as np
+
+    from pipeline.report import build_report
+    from pipeline.store import ResultsStore
+    from pipeline.train import SCALAR_METRICS, RunResult
+
+    rng = np.random.default_rng(0)
+    store = ResultsStore(tmp_path)
+    for p, slope in (("ntk", -0.7), ("mup", 0.0)):
+        for w in (64, 128, 256):
+            pack = []
+            for s in range(3):
+                m = dict.fromkeys(SCALAR_METRICS, math.nan)
+                m.update(kernel_rel_dev_init=w**-0.5 * math.exp(0.1 * rng.normal()),
+                         kernel_rel_change=w**slope * math.exp(0.1 * rng.normal()), test_acc=0.8, lin_test_acc=0.8)
+                cfg = RunConfig(dataset="digits", n_train=20, n_test=20, width=w, seed=s, steps=10, device="cpu",
+                                parameterization=p)
+                pack.append(RunResult(cfg, metrics=m))
+            store.write_pack(pack)
+    md = build_report(tmp_path).read_text()
+    image = tmp_path / "report" / "regimes.png"
+    assert image.stat().st_size > 10_000
+    assert "](regimes.png)" in md and "| measure | NTK | μP |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `kernel_rel_change` | -0."))
+    assert "(between -1/2 and -1)" in row and "(0)" in row
