@@ -16,8 +16,9 @@ time, so it is never held whole. Nothing here reads files by name or knows Ray.
 
 **Paths** (``method="auto"`` picks the first that fits ``memory_budget`` bytes for the train matrix):
 
-* ``"float64"``: the matrix in memory in float64 (``8 n^2`` bytes), Cholesky (LAPACK ``dpotrf``) in place,
-  LU if it is numerically indefinite. Exact to float64 rounding of the *stored* Gram's entries.
+* ``"float64"``: the matrix in memory in float64 (``8 n^2`` bytes), Cholesky in place (LAPACK ``dpotrf``
+  up to n = 8,192, :func:`blocked_cholesky` above), LU if it is numerically indefinite. Exact to float64
+  rounding of the *stored* Gram's entries.
 * ``"float32-pcg"``: the matrix in memory in float32 only (``4 n^2`` bytes; 10 GB at n = 50,000), factorised
   in place by :func:`blocked_cholesky`; that factor preconditions a conjugate-gradient solve of the float64 system whose
   matrix-vector products are float64, streamed panel by panel from ``k_train`` (each iteration reads the
@@ -45,6 +46,10 @@ DEFAULT_MEMORY_BUDGET = 10 * 2**30  # bytes for the train matrix (plus 16 n^2 fo
 METHODS = ("auto", "float64", "float32-pcg")
 _PANEL = 2048  # rows read from a reader at once (the Gram's default tile edge)
 _SUB = 512  # rows converted to float64 at once inside a panel
+# Above this n the float64 path factors with blocked_cholesky: in place (scipy's cho_factor copies a C-ordered
+# matrix to Fortran order, 16 n^2 bytes) and clear of scipy's 32-bit LAPACK wrappers, which crashed
+# (SIGSEGV) at n = 20,000 float64 (3.2 GB) and n = 50,000 float32 here.
+_SCIPY_MAX_N = 8192
 
 
 class SolveError(ValueError):
@@ -224,10 +229,10 @@ def _solve_float64(k, y, n, diag_reg, absolute, time, overwrite, seconds) -> Sol
         seconds["factor"] = _time.perf_counter() - t
         return SolveResult(alpha=alpha, pred=None, method="float64-eigh", lam=lam)
     try:
-        if n * n < 2**31:
+        if n <= _SCIPY_MAX_N:
             f = cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
             alpha = cho_solve(f, y, check_finite=False)
-        else:  # scipy's LAPACK wrappers index with 32 bits
+        else:  # in place (scipy would copy a C-ordered matrix), and no 32-bit LAPACK indices
             blocked_cholesky(a)
             alpha = blocked_cho_solve(a, y)
         kind = "float64"
@@ -242,7 +247,7 @@ def _solve_float64(k, y, n, diag_reg, absolute, time, overwrite, seconds) -> Sol
     return SolveResult(alpha=alpha, pred=None, method=kind, lam=lam)
 
 
-def blocked_cholesky(a: np.ndarray, block: int = _PANEL) -> None:
+def blocked_cholesky(a: np.ndarray, block: int | None = None) -> None:
     """Lower Cholesky factor of the symmetric ``a`` (C-ordered; its lower triangle is read), in place: on
     return ``a``'s lower triangle holds ``L`` (the strict upper triangle is left stale). Right-looking by
     ``block``-wide panels: torch factors each diagonal block and solves each panel, numpy's BLAS (64-bit
@@ -251,7 +256,7 @@ def blocked_cholesky(a: np.ndarray, block: int = _PANEL) -> None:
     ``numpy.linalg.LinAlgError`` when ``a`` is not numerically positive definite."""
     import torch
 
-    n = len(a)
+    n, block = len(a), block or _PANEL
     for k0 in range(0, n, block):
         k1 = min(n, k0 + block)
         d = np.tril(a[k0:k1, k0:k1])
@@ -271,11 +276,11 @@ def blocked_cholesky(a: np.ndarray, block: int = _PANEL) -> None:
             a[i0:i1, k1:i1] -= a[i0:i1, k0:k1] @ a[k1:i1, k0:k1].T
 
 
-def blocked_cho_solve(a: np.ndarray, r: np.ndarray, block: int = _PANEL) -> np.ndarray:
+def blocked_cho_solve(a: np.ndarray, r: np.ndarray, block: int | None = None) -> np.ndarray:
     """``(L L^T)^-1 r`` for the factor :func:`blocked_cholesky` left in ``a`` (in ``a``'s dtype)."""
     import torch
 
-    n = len(a)
+    n, block = len(a), block or _PANEL
     z = np.array(r, dtype=a.dtype, copy=True)
     starts = list(range(0, n, block))
     for k0 in starts:

@@ -54,14 +54,16 @@ def test_out_of_core_from_zarr_reader(tmp_path):
     za[:] = k.astype(np.float32)
     zt = zarr.create_array(str(tmp_path / "g.zarr"), name="t", shape=ks.shape, chunks=(128, 128), dtype="float32")
     zt[:] = ks.astype(np.float32)
-    old = ks_mod._PANEL, ks_mod._SUB
-    ks_mod._PANEL, ks_mod._SUB = 256, 100
+    ref = solve(k.astype(np.float32), y, ks.astype(np.float32), method="float64")  # scipy's LAPACK
+    old = ks_mod._PANEL, ks_mod._SUB, ks_mod._SCIPY_MAX_N
+    ks_mod._PANEL, ks_mod._SUB, ks_mod._SCIPY_MAX_N = 256, 100, 0
     try:
         out = solve(za, y, zt, method="float32-pcg")
-        ref = solve(k.astype(np.float32), y, ks.astype(np.float32), method="float64")
+        blocked = solve(za, y, zt, method="float64")  # the blocked in-place float64 Cholesky
     finally:
-        ks_mod._PANEL, ks_mod._SUB = old
+        ks_mod._PANEL, ks_mod._SUB, ks_mod._SCIPY_MAX_N = old
     assert np.linalg.norm(out.pred - ref.pred) / np.linalg.norm(ref.pred) <= 1e-6
+    assert np.linalg.norm(blocked.pred - ref.pred) / np.linalg.norm(ref.pred) <= 1e-12
 
 
 def test_solve_vector_rhs_absolute_reg_and_time():
