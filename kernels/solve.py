@@ -50,6 +50,7 @@ _SUB = 512  # rows converted to float64 at once inside a panel
 # matrix to Fortran order, 16 n^2 bytes) and clear of scipy's 32-bit LAPACK wrappers, which crashed
 # (SIGSEGV) at n = 20,000 float64 (3.2 GB) and n = 50,000 float32 here.
 _SCIPY_MAX_N = 8192
+_SHIFT_PER_ROW = 2e-8  # float32 factor's initial shift: this x n x the mean diagonal (1e-3 at n = 50,000)
 
 
 class SolveError(ValueError):
@@ -106,12 +107,32 @@ def _matmul_stream(k: Any, x: np.ndarray, out: np.ndarray | None = None) -> np.n
     return out
 
 
-def _load(k: Any, n: int, dtype: Any) -> np.ndarray:
+def _load(k: Any, n: int, dtype: Any, spill: Any = None) -> np.ndarray:
+    """``k`` as one ``(n, n)`` array of ``dtype``; each panel read is also appended to the open file ``spill``
+    (in ``k``'s own dtype) when given."""
     a = np.empty((n, n), dtype=dtype)
     for i0 in range(0, n, _PANEL):
         i1 = min(n, i0 + _PANEL)
-        a[i0:i1] = k[i0:i1] if isinstance(k, np.ndarray) else _rows(k, i0, i1, None)
+        panel = k[i0:i1] if isinstance(k, np.ndarray) else _rows(k, i0, i1, None)
+        if spill is not None:
+            np.ascontiguousarray(panel).tofile(spill)
+        a[i0:i1] = panel
+        del panel
     return a
+
+
+class _RawRows:
+    """Row-block reader over a raw C-ordered ``(n, n)`` file: ``[i0:i1]`` reads those rows (page cache or
+    disk, no decompression), so a streamed product costs a file read instead of a Zarr decode."""
+
+    def __init__(self, path: str, n: int, dtype: Any) -> None:
+        self.path, self.shape, self.dtype = path, (n, n), np.dtype(dtype)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        i0, i1, _ = rows.indices(self.shape[0])
+        n = self.shape[1]
+        return np.fromfile(self.path, dtype=self.dtype, count=(i1 - i0) * n,
+                           offset=i0 * n * self.dtype.itemsize).reshape(i1 - i0, n)
 
 
 def choose_method(n: int, method: str = "auto", memory_budget: float | None = None, time: float | None = None) -> str:
@@ -149,9 +170,10 @@ def solve(
     time: float | None = None,
     method: str = "auto",
     memory_budget: float | None = None,
-    tol: float = 1e-10,
+    tol: float = 1e-9,
     max_iter: int = 200,
     overwrite: bool = False,
+    spill_dir: str | bool | None = None,
     verbose: bool = False,
 ) -> SolveResult:
     """Kernel regression ``alpha = (K + lambda I)^-1 y`` (or its finite-``time`` version), and ``K_* alpha``.
@@ -166,6 +188,8 @@ def solve(
             matrix (default :data:`DEFAULT_MEMORY_BUDGET`).
         tol, max_iter: PCG's stopping rule (relative residual per column) and iteration cap.
         overwrite: with a float64 C-contiguous ndarray ``k_train`` on the float64 path, factor it in place.
+        spill_dir: float32-pcg with a reader: where the raw copy of the Gram that the iterations stream goes
+            (default the temp dir; deleted at the end; ``False``: stream from the reader itself).
     """
     shape = tuple(getattr(k_train, "shape", ()))
     if len(shape) != 2 or shape[0] != shape[1]:
@@ -190,7 +214,7 @@ def solve(
     if chosen == "float64":
         res = _solve_float64(k_train, y, n, diag_reg, absolute, time, overwrite, seconds)
     else:
-        res = _solve_pcg(k_train, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose)
+        res = _solve_pcg(k_train, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_dir)
     if k_test_train is not None:
         t1 = _time.perf_counter()
         res.pred = _matmul_stream(k_test_train, res.alpha)
@@ -278,7 +302,7 @@ def blocked_cholesky(a: np.ndarray, block: int | None = None) -> None:
 
 def blocked_cho_solve(a: np.ndarray, r: np.ndarray, block: int | None = None) -> np.ndarray:
     """``(L L^T)^-1 r`` for the factor :func:`blocked_cholesky` left in ``a`` (in ``a``'s dtype)."""
-    import torch
+    from scipy.linalg import solve_triangular
 
     n, block = len(a), block or _PANEL
     z = np.array(r, dtype=a.dtype, copy=True)
@@ -287,25 +311,47 @@ def blocked_cho_solve(a: np.ndarray, r: np.ndarray, block: int | None = None) ->
         k1 = min(n, k0 + block)
         if k0:
             z[k0:k1] -= a[k0:k1, :k0] @ z[:k0]
-        lkk = torch.from_numpy(np.tril(a[k0:k1, k0:k1]))
-        z[k0:k1] = torch.linalg.solve_triangular(lkk, torch.from_numpy(z[k0:k1]), upper=False).numpy()
+        z[k0:k1] = solve_triangular(a[k0:k1, k0:k1], z[k0:k1], lower=True, check_finite=False)
     for k0 in reversed(starts):
         k1 = min(n, k0 + block)
         if k1 < n:
             z[k0:k1] -= a[k1:, k0:k1].T @ z[k1:]
-        lkk = torch.from_numpy(np.tril(a[k0:k1, k0:k1]))
-        z[k0:k1] = torch.linalg.solve_triangular(lkk.T, torch.from_numpy(z[k0:k1]), upper=True).numpy()
+        z[k0:k1] = solve_triangular(a[k0:k1, k0:k1], z[k0:k1], lower=True, trans="T", check_finite=False)
     return z
 
 
-def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose) -> SolveResult:
+def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_dir) -> SolveResult:
+    import os
+    import tempfile
+
+    spill_path = None
+    if not isinstance(k, np.ndarray) and spill_dir is not False:
+        fd, spill_path = tempfile.mkstemp(prefix="ntk-sweep-gram-", suffix=".raw", dir=spill_dir or None)
+        os.close(fd)
+    try:
+        return _pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_path)
+    finally:
+        if spill_path is not None:
+            os.unlink(spill_path)
+
+
+def _pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_path) -> SolveResult:
     t = _time.perf_counter()
-    a = _load(k, n, np.float32)
+    if spill_path is not None:
+        with open(spill_path, "wb") as f:
+            a = _load(k, n, np.float32, spill=f)
+        k = _RawRows(spill_path, n, np.dtype(k.dtype))
+    else:
+        a = _load(k, n, np.float32)
     diag = np.diagonal(a).astype(np.float64)
     seconds["load"] = _time.perf_counter() - t
+    if verbose:
+        print(f"loaded the train Gram: {seconds['load']:.1f} s", flush=True)
     lam = _lam(diag, diag_reg, absolute)
     mean_diag = float(np.mean(diag))
-    shift, ok = lam, False
+    # float32 rounding in the factor grows with n: start the preconditioner's shift where it has held
+    # (n = 50,000 failed at 1e-4 of the mean diagonal); the solve itself keeps lam
+    shift, ok = max(lam, _SHIFT_PER_ROW * n * mean_diag), False
     t = _time.perf_counter()
     for attempt in range(8):
         a.flat[:: n + 1] = (diag + shift).astype(np.float32)
@@ -320,7 +366,7 @@ def _solve_pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose) -> 
         # not positive definite in float32: reload and shift the preconditioner only
         a = None
         a = _load(k, n, np.float32)
-        shift = max(lam, mean_diag * 1e-7) * 10.0 ** (attempt + 1)
+        shift *= 10.0
         if verbose:
             print(f"float32 Cholesky failed; preconditioner shift {shift:.3g}", flush=True)
     if not ok:
