@@ -26,6 +26,10 @@ Per group of runs (one setting of everything but seed and width, see :mod:`pipel
 Each section is skipped with a one-line note in report.md when its table or columns are missing
 (e.g. results written by an older version).
 
+Per set of groups that differ only in ``parameterization`` (e.g. ``jobs/regimes.yaml``, NTK beside μP):
+``regimes.png``, the deviations against width coloured by parameterisation, and a table of the fitted
+exponents side by side with each parameterisation's expected ones.
+
 Once: ``ntk_heatmap.png``: the analytic NTK Gram and ``|Theta_hat_0 - Theta|`` for one seed at the
 smallest and the largest width, points sorted by class (needs a stored empirical Gram, i.e. a job
 with ``kernels: store: init`` or ``init+final``; skipped with a note otherwise).

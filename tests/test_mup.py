@@ -98,20 +98,21 @@ def test_mup_feature_updates_are_order_one_ntk_vanish():
 
 
 def _cfg(**kw) -> RunConfig:
-    base = dict(dataset="digits", n_train=48, n_test=16, depth=2, width=64, steps=60, device="cpu")
+    base = dict(dataset="digits", n_train=32, n_test=10, depth=2, width=64, steps=80, device="cpu")
     base.update(kw)
     return RunConfig(**base)
 
 
 def test_kernel_change_stays_under_mup_and_falls_under_ntk():
-    """kernel_rel_change at widths 64 and 1024 (2 seeds each, the same critical-rate-relative lr):
+    """kernel_rel_change at widths 64 and 1024 (3 seeds and 1; lr: the same fraction of the critical rate):
     μP within a factor of 2, NTK down by at least 3x. Columns of the kernel regime are NaN under μP."""
     subset = load_subset(_cfg())
     analytic = analytic_blocks(_cfg(), subset)  # shared: μP's kernel limit at init is the NTK one
     change = {}
     for p in ("ntk", "mup"):
         for width in (64, 1024):
-            runs = train_runs([_cfg(parameterization=p, width=width, seed=s) for s in range(2)],
+            seeds = range(3 if width == 64 else 1)  # the wide kernel's change varies little between seeds
+            runs = train_runs([_cfg(parameterization=p, width=width, seed=s) for s in seeds],
                               subset=subset, analytic=analytic)
             assert all(r.status == "ok" for r in runs), [r.error for r in runs]
             change[p, width] = sum(r.metrics["kernel_rel_change"] for r in runs) / len(runs)
