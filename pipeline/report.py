@@ -728,6 +728,10 @@ def _phenomena(g: Group, bw, runs_table, runs, sel, spectral, gp, gp_skipped: di
             g.figures["spectral_bias"] = name
 
     def gp_init() -> None:
+        if _param(g) == "mup":
+            g.skipped["gp_init"] = ("parameterization mup: the outputs at init vanish as n^-1/2 and follow no NNGP "
+                                    "limit")
+            return
         rows = _gp_rows(gp, g)
         if rows is None:
             g.skipped["gp_init"] = _gp_skip_reason(gp, gp_skipped, g)

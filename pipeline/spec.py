@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kernels.activations import get_activation
 from pipeline import plan
@@ -174,12 +174,13 @@ class Sweep(_Strict):
             raise ValueError("0 (off) or at least 3 (the bias's jackknife needs 3 networks), got " + str(value))
         return value
 
-    @model_validator(mode="after")
-    def _gp_not_mup(self) -> Sweep:
-        if self.gp_seeds and any(a.parameterization == "mup" for a in self.architectures):
-            raise ValueError("gp_seeds: the GP check compares outputs at init with the NNGP, which mup outputs "
-                             "(O(n^-1/2) at init) do not follow; use gp_seeds: 0 with parameterization mup")
-        return self
+    @field_validator("gp_seeds")
+    @classmethod
+    def _gp_not_mup(cls, value: int, info: ValidationInfo) -> int:
+        if value and any(a.parameterization == "mup" for a in info.data.get("architectures", [])):
+            raise ValueError("the GP check compares outputs at init with the NNGP, which mup outputs (O(n^-1/2) "
+                             "at init) do not follow; use gp_seeds: 0 with parameterization mup")
+        return value
 
     @field_validator("seeds")
     @classmethod
