@@ -180,4 +180,4 @@ def test_cli_real_mnist_subset(tmp_path, capsys):
     assert cli_main(argv) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n_test"] == 1000 and res["solver"] == "float32-pcg" and res["test_acc"] > 0.85
-    assert res["residual"] <= 1e-10
+    assert res["residual"] <= 1e-8  # tol 1e-9 on the recursive residual; this is the true one
