@@ -23,8 +23,10 @@ time, so it is never held whole. Nothing here reads files by name or knows Ray.
   in place by :func:`blocked_cholesky`; that factor preconditions a conjugate-gradient solve of the float64 system whose
   matrix-vector products are float64, streamed panel by panel from ``k_train`` (each iteration reads the
   stored Gram once). It stops when every column's residual ``|y - (K + lambda I) x| / |y|`` is below
-  ``tol`` (default ``1e-10``), so it converges to the float64 solution of the stored Gram, not to a float32
-  one; when the float32 Cholesky fails (the float32 matrix is not numerically positive definite) the preconditioner
+  ``tol`` (default ``1e-9``), so it converges to the float64 solution of the stored Gram, not to a float32
+  one (when the true residual, checked every 10 iterations, stops halving first, it has reached float64's
+  floor for that system: the best iterate is returned and ``residual`` says where it stopped); when
+  the float32 Cholesky fails (the float32 matrix is not numerically positive definite) the preconditioner
   alone gets a larger shift, and the iteration count grows instead of the answer changing.
 
 ``time`` (gradient-descent time of the NTK mean predictor, loss ``1/(2n) sum |f - y|^2``, ``f0 = 0``):
@@ -55,6 +57,11 @@ _SHIFT_PER_ROW = 2e-8  # float32 factor's initial shift: this x n x the mean dia
 
 class SolveError(ValueError):
     """A bad argument, or a problem that does not fit the memory budget."""
+
+
+class IndefiniteInPlace(SolveError):
+    """``overwrite=True``: the Gram was not numerically positive definite, and its array, factored in place,
+    is spoilt; solve again from a fresh copy (the LU fallback needs the original entries)."""
 
 
 @dataclass
@@ -187,7 +194,9 @@ def solve(
         method: ``"auto"``, ``"float64"`` or ``"float32-pcg"``. ``memory_budget``: bytes for the train
             matrix (default :data:`DEFAULT_MEMORY_BUDGET`).
         tol, max_iter: PCG's stopping rule (relative residual per column) and iteration cap.
-        overwrite: with a float64 C-contiguous ndarray ``k_train`` on the float64 path, factor it in place.
+        overwrite: with a float64 C-contiguous ndarray ``k_train`` on the float64 path, factor it in place
+            (raises :class:`IndefiniteInPlace` if it is not numerically positive definite: the LU fallback
+            needs the original entries).
         spill_dir: float32-pcg with a reader: where the raw copy of the Gram that the iterations stream goes
             (default the temp dir; deleted at the end; ``False``: stream from the reader itself).
     """
@@ -261,6 +270,9 @@ def _solve_float64(k, y, n, diag_reg, absolute, time, overwrite, seconds) -> Sol
             alpha = blocked_cho_solve(a, y)
         kind = "float64"
     except np.linalg.LinAlgError:  # numerically indefinite: LU of a fresh copy
+        if inplace:
+            raise IndefiniteInPlace("k_train is not numerically positive definite and was factored in place "
+                                    "(overwrite=True): solve again from a fresh copy") from None
         del a
         a = _load(k, n, np.float64)
         a.flat[:: n + 1] += lam
@@ -387,6 +399,7 @@ def _pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_pat
     x = precond(y)
     r = y - matvec(x)
     rel = np.linalg.norm(r, axis=0) / ynorm
+    best_x, best_rel, last_true = x.copy(), float(rel.max()), float(rel.max())
     z = precond(r)
     p = z.copy()
     rz = np.einsum("ij,ij->j", r, z)
@@ -400,6 +413,14 @@ def _pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_pat
         it += 1
         if it % 10 == 0:  # replace the recursive residual by the true one now and then
             r = y - matvec(x)
+            true = float((np.linalg.norm(r, axis=0) / ynorm).max())
+            if true < best_rel:
+                best_x, best_rel = x.copy(), true
+            if verbose:
+                print(f"pcg {it}: true max relative residual {true:.3g}", flush=True)
+            if true > 0.5 * last_true:  # stalled at float64's floor for this system: keep the best
+                break
+            last_true = true
         rel = np.linalg.norm(r, axis=0) / ynorm
         if verbose:
             print(f"pcg {it}: max relative residual {rel.max():.3g}", flush=True)
@@ -411,6 +432,8 @@ def _pcg(k, y, n, diag_reg, absolute, tol, max_iter, seconds, verbose, spill_pat
         p = z + p * beta
         rz = rz_new
     rel = np.linalg.norm(y - matvec(x), axis=0) / ynorm  # the true residual
+    if rel.max() > best_rel:
+        x, rel = best_x, np.array([best_rel])
     seconds["iterate"] = _time.perf_counter() - t
     del precond
     return SolveResult(alpha=x, pred=None, method="float32-pcg", lam=lam, iterations=it,
