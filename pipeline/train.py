@@ -290,29 +290,23 @@ class AnalyticBlocks:
         raise ValueError(f"block [{r0}:{r1}, {c0}:{c1}] straddles the train/test boundary {n}")
 
 
-def _regularised_factor(make: Callable[[], np.ndarray], keep: bool) -> tuple:
-    """Factor ``K + eps I`` (``K = make()``, symmetric PSD, eps = 1e-10 of its mean diagonal, for
-    numerical safety): Cholesky, or LU when ``K`` is numerically indefinite. ``keep=False`` factorises
-    ``make()``'s array in place (no copy; it is rebuilt for the LU fallback)."""
-    from scipy.linalg import cho_factor, lu_factor
+SWEEP_DIAG_REG = 1e-10  # of the mean diagonal: numerical safety only, the runs measure the unregularised limit
 
-    def regularised(copy: bool) -> np.ndarray:
-        k = make()
-        a = k.copy() if copy else k
-        a.flat[:: len(a) + 1] += 1e-10 * np.trace(k) / len(k)
-        return a
 
+def _kernel_solve(make: Callable[[], np.ndarray], rhs: np.ndarray, keep: bool) -> np.ndarray:
+    """``(K + eps I)^-1 rhs`` by :func:`kernels.solve.solve` (the project's one solver; float64 Cholesky, LU
+    when ``K`` is numerically indefinite), ``K = make()`` symmetric PSD, ``eps`` = :data:`SWEEP_DIAG_REG` of
+    its mean diagonal. ``keep=False`` factorises ``make()``'s array in place (no copy; rebuilt for the LU
+    fallback)."""
+    from kernels.solve import IndefiniteInPlace, solve
+
+    args = dict(diag_reg=SWEEP_DIAG_REG, method="float64")
+    if keep:
+        return solve(make(), rhs, **args).alpha
     try:
-        return "cho", cho_factor(regularised(keep), lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        return "lu", lu_factor(regularised(keep), overwrite_a=True, check_finite=False)
-
-
-def _solve(factor: tuple, rhs: np.ndarray) -> np.ndarray:
-    from scipy.linalg import cho_solve, lu_solve
-
-    kind, f = factor
-    return cho_solve(f, rhs, check_finite=False) if kind == "cho" else lu_solve(f, rhs, check_finite=False)
+        return solve(make(), rhs, overwrite=True, **args).alpha
+    except IndefiniteInPlace:
+        return solve(make(), rhs, **args).alpha
 
 
 def analytic_blocks(config: RunConfig, subset: Subset) -> AnalyticBlocks:
@@ -328,14 +322,10 @@ def analytic_blocks(config: RunConfig, subset: Subset) -> AnalyticBlocks:
     ntk_te_te = mlp_kernels_blocked(x_te, get=("ntk",), block=ANALYTIC_BLOCK, **arch)["ntk"]
     lam_max = top_eigenvalue(ntk_tr)
     spectrum = spectrum_stats(ntk_tr) if len(ntk_tr) <= MAX_EIGH else None
-    factor = _regularised_factor(lambda: ntk_tr, keep=True)
-    ntk_solver = np.ascontiguousarray(_solve(factor, ntk_te_tr.T).T)  # Theta_tr symmetric
-    del factor
+    ntk_solver = np.ascontiguousarray(_kernel_solve(lambda: ntk_tr, ntk_te_tr.T, keep=True).T)  # Theta_tr symmetric
     ntk_pred = ntk_solver @ y_tr
-    factor = _regularised_factor(
-        lambda: mlp_kernels_blocked(x_tr, get=("nngp",), block=ANALYTIC_BLOCK, **arch)["nngp"], keep=False)
-    alpha = _solve(factor, y_tr)
-    del factor
+    alpha = _kernel_solve(
+        lambda: mlp_kernels_blocked(x_tr, get=("nngp",), block=ANALYTIC_BLOCK, **arch)["nngp"], y_tr, keep=False)
     nngp_te_tr = mlp_kernels_blocked(x_te, x_tr, get=("nngp",), block=ANALYTIC_BLOCK, **arch)["nngp"]
     nngp_pred = nngp_te_tr @ alpha
     return AnalyticBlocks(ntk_tr, ntk_te_tr, ntk_te_te, ntk_solver, ntk_pred, nngp_pred, lam_max, spectrum,

@@ -243,3 +243,24 @@ def test_panelled_kernel_norms_equal_the_full_matrix_ones(monkeypatch):
 def test_grams_are_not_kept_unless_asked():
     res = train_run(cfg(steps=5))
     assert res.status == "ok" and res.ntk_init is None and res.ntk_final is None
+
+
+def test_sweep_solve_rebuilds_an_indefinite_gram_factored_in_place():
+    """The sweep's kernel regression goes through kernels.solve; an indefinite matrix factored in place is
+    rebuilt for the LU fallback, so the answer is the exact solve, not one of a spoilt array."""
+    from pipeline.train import _kernel_solve
+
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    k = (q * np.r_[np.ones(39), -0.5]) @ q.T  # one negative eigenvalue: Cholesky fails
+    rhs = rng.standard_normal((40, 3))
+    built = []
+
+    def make():
+        built.append(1)
+        return k.copy()
+
+    x = _kernel_solve(make, rhs, keep=False)
+    eps = 1e-10 * np.trace(k) / len(k)
+    np.testing.assert_allclose(x, np.linalg.solve(k + eps * np.eye(40), rhs), rtol=1e-9, atol=1e-9)
+    assert len(built) == 2  # once for the failed in-place Cholesky, once for the LU
