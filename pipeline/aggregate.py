@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.run_config import RunConfig
-from pipeline.store import RUNS, ResultsStore, is_not_writable, write_parquet_atomic
+from pipeline.store import GP_SAMPLES, RUNS, ResultsStore, is_not_writable, write_parquet_atomic
 
 AGGREGATES = "aggregates"
 BY_WIDTH, SCALING, GP_INIT = "by_width", "scaling", "gp_init"
@@ -118,7 +118,7 @@ def fingerprint(results: str | Path) -> str:
     the config fields (which make the group columns)."""
     root = Path(results)
     h = hashlib.sha256(f"{VERSION}|{','.join(RunConfig.model_fields)}\n".encode())
-    for part in [*runs_parts(root), *ResultsStore(root).parts("gp_samples")]:
+    for part in [*runs_parts(root), *ResultsStore(root).parts(GP_SAMPLES)]:
         st = part.stat()
         h.update(f"{part.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]

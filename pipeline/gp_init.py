@@ -51,9 +51,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.run_config import RunConfig
-from pipeline.store import OUTPUTS, RUNS, ResultsStore, write_parquet_atomic
+from pipeline.store import GP_SAMPLES, OUTPUTS, RUNS, ResultsStore, write_parquet_atomic
 
-GP_SAMPLES = "gp_samples"
 KS_FLOOR_DRAWS = 32  # simulated GP draws behind ks_stat_floor
 BOOTSTRAP_DRAWS = 2000  # seed resamples behind nngp_bias_exponent's interval
 SKIPPED_KEY = b"ntk_sweep.gp_init_skipped"
@@ -202,12 +201,12 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
         return empty_table()
     runs = split_runs(runs_table)
     group_fields = list(runs.groups.schema)
-    if not outputs.num_rows and not store.table(GP_SAMPLES, warn=False).num_rows:
+    gp_by_run = _gp_rows_by_run(store)
+    if not outputs.num_rows and not gp_by_run:
         return empty_table(group_fields)
     f0_by_id = {rid: (f, n, k) for rid, f, n, k in zip(
         *(outputs.column(c).to_pylist() for c in ("run_id", "f0_test", "n_test", "k")), strict=True)} \
         if outputs.num_rows else {}
-    gp_by_run = _gp_rows_by_run(store)
     rows_all = runs_table.to_pylist()
     members: dict[tuple[int, int], dict[int, int]] = {}  # (group, width) -> seed -> row index, with outputs
     gp_rows: dict[tuple[int, int], dict] = {}  # (group, width) -> its gp_samples row

@@ -41,7 +41,7 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
 from pipeline.run_config import RunConfig, analytic_args, make_packs, subset_args  # noqa: E402,F401
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
-from pipeline.store import GramWriter, ResultsNotShared, ResultsStore, RunClaims, is_not_writable  # noqa: E402
+from pipeline.store import GP_SAMPLES, GramWriter, ResultsNotShared, ResultsStore, RunClaims, is_not_writable  # noqa: E402
 
 
 @dataclass
@@ -106,9 +106,6 @@ def _gp_task(config: RunConfig, subset, seeds: int, num_cpus: float) -> dict:
 
     torch.set_num_threads(max(1, int(num_cpus)))
     return gp_samples(config, subset, seeds)
-
-
-GP_SAMPLES = "gp_samples"  # pipeline.gp_init.GP_SAMPLES, without importing the aggregation side
 
 
 def gp_todo(sweep: Sweep, runs: list[RunConfig], store: ResultsStore) -> list[RunConfig]:
@@ -224,9 +221,11 @@ def run_sweep(
         summary.elsewhere = sum(1 for r in todo if r.run_id not in claims.held and r.run_id not in done)
         summary.missing += summary.elsewhere
         todo = [r for r in todo if r.run_id in claims.held]
-        gp_refs = _submit_gp(sweep, gp_missing, subsets, ray) if gp_missing else {}
+        needed = {subset_args(r) for r in (*todo, *gp_missing)}
+        subset_refs = {key: ray.put(s) for key, s in subsets.items() if key in needed}
+        gp_refs = _submit_gp(sweep, gp_missing, subsets, subset_refs, ray) if gp_missing else {}
         if todo:
-            _run_packs(sweep, store, claims, todo, plan(todo), subsets, summary, superseded,
+            _run_packs(sweep, store, claims, todo, plan(todo), subsets, subset_refs, summary, superseded,
                        max_parallel=max_parallel, progress=progress, out=out, tqdm=tqdm, total=len(runs), ray=ray)
         if gp_refs:
             _commit_gp(store, gp_refs, ray, out, summary)
@@ -236,7 +235,7 @@ def run_sweep(
     return summary
 
 
-def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, ray) -> dict:
+def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, subset_refs: dict, ray) -> dict:
     """Start the init-only GP tasks (``gp_seeds``); they run beside the training packs."""
     from pipeline.plan import estimate_gp
 
@@ -248,7 +247,7 @@ def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, ray) -> di
         memory = estimate_gp(c, subset.n_test, subset.y_train.shape[1], subset.dim, sweep.gp_seeds,
                              res.num_cpus).peak_bytes
         ref = task.options(num_cpus=res.num_cpus, num_gpus=0, memory=memory, max_retries=res.max_retries,
-                           retry_exceptions=False).remote(c, ray.put(subset), sweep.gp_seeds, res.num_cpus)
+                           retry_exceptions=False).remote(c, subset_refs[subset_args(c)], sweep.gp_seeds, res.num_cpus)
         refs[ref] = c
     return refs
 
@@ -279,9 +278,10 @@ def _commit_gp(store: ResultsStore, refs: dict, ray, out: str | Path, summary: S
 
 
 def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[RunConfig], planned: tuple,
-               subsets: dict, summary: SweepSummary, superseded: dict[str, set[str]], *, max_parallel: int | None,
-               progress: bool | None, out: str | Path, tqdm, total: int, ray) -> None:
-    """Submit the packs of ``todo`` (claimed by ``claims``) to Ray and commit each as it finishes."""
+               subsets: dict, subset_refs: dict, summary: SweepSummary, superseded: dict[str, set[str]], *,
+               max_parallel: int | None, progress: bool | None, out: str | Path, tqdm, total: int, ray) -> None:
+    """Submit the packs of ``todo`` (claimed by ``claims``) to Ray and commit each as it finishes.
+    ``subset_refs``: each subset's object-store reference, by :func:`subset_args`."""
     res = sweep.resources
     packs, pack_memory, analytic_memory = planned
     # A GPU task gets a fresh worker, as Ray does for @ray.remote(num_gpus=...): torch's caching
@@ -293,7 +293,6 @@ def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[
                         store.probe_token() if sweep.kernels.store != "none" else None)
     dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
 
-    subset_refs = {key: ray.put(s) for key, s in subsets.items() if any(subset_args(r) == key for r in todo)}
     analytic_refs: dict[tuple, object] = {}
     for r in todo:
         key = analytic_args(r)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 RUNS, CURVES, SPECTRAL, OUTPUTS, SWEEPS, GRAMS = "runs", "curves", "spectral", "outputs", "sweeps", "grams.zarr"
 AGGREGATES, QUARANTINE, REPORT, CLAIMS = "aggregates", "quarantine", "report", ".claims"
+GP_SAMPLES = "gp_samples"  # gp_seeds: one row per (group, width), keyed by gp_id (pipeline.gp_sample)
 PROBE = ".ntk-sweep-probe"
 SIDE_TABLES = (CURVES, SPECTRAL, OUTPUTS)
 TABLES = (RUNS, *SIDE_TABLES)
