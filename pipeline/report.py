@@ -229,6 +229,33 @@ def _hidden_layers(fits_by_group: list[dict]) -> list[str]:
     return layers
 
 
+def _panel_grid(panels: int):
+    """A figure with ``panels`` log-log panels, at most 4 per row: ``(fig, axes)``, axes ``(rows, cols)``."""
+    ncols = min(4, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = _figure(4.4 * ncols, 3.9 * nrows)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _finish_width_panel(ax, widths, visible, soft) -> None:
+    """Log width axis, y limits from the drawn series, the x label and a legend when anything is labelled."""
+    _log_axes(ax, widths)
+    _set_log_ylim(ax, visible, soft)
+    ax.set_xlabel("width $n$")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+
+
+def _hide_spare_panels(axes, used: int) -> None:
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+
+
+def _layer_role(i: int, layers: int) -> str:
+    """``input``, ``hidden`` or ``output``: what weight matrix ``i`` of ``layers`` is."""
+    return "input" if i == 0 else "output" if i == layers - 1 else "hidden"
+
+
 def _plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> bool:
     """One panel per measure, one colour per parameterisation: seeds, means with CIs and the fits."""
     from pipeline.aggregate import expected_exponent
@@ -239,10 +266,7 @@ def _plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> 
     panels = [m for m in (*REGIME_MEASURES, *layers) if any(m in f for f in fits)]
     if not panels:
         return False
-    ncols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(4.4 * ncols, 3.9 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes = _panel_grid(len(panels))
     all_widths = runs.width[sum((runs.gid == g.index) for g in cluster).astype(bool)]
     for ax, m in zip(axes.flat, panels, strict=False):
         visible, soft, expected = [], [], []
@@ -261,18 +285,13 @@ def _plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> 
                 expected.append(f"{PARAM_NAMES.get(p, p)} {e}")
         if m.startswith("weight_rel_change_layer"):
             i = int(m[23:])
-            role = "input" if i == 0 else "output" if i == len(layers) - 1 else "hidden"
+            role = _layer_role(i, len(layers))
             ax.set_ylabel(rf"$\|W^{{({i})}}_T-W^{{({i})}}_0\|_F\,/\,\|W^{{({i})}}_0\|_F$ ({role})")
         else:
             ax.set_ylabel(LABELS.get(m, m))
         ax.set_title(m + (f"\nexpected: {'; '.join(expected)}" if expected else ""), fontsize=9.5)
-        _log_axes(ax, all_widths)
-        _set_log_ylim(ax, visible, soft)
-        ax.set_xlabel("width $n$")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        _finish_width_panel(ax, all_widths, visible, soft)
+    _hide_spare_panels(axes, len(panels))
     label = cluster[0].label.replace(f"parameterization={_param(cluster[0])}", "").strip(", ")
     fig.suptitle(f"Lazy (NTK) and rich (μP) regimes vs width: {label}\n"
                  "mean over seeds with 95% CI (seeds faint); fitted exponent per parameterisation", fontsize=11)
@@ -447,17 +466,14 @@ def _plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
     panels = measures + (["layers"] if layers else [])
     if not panels:
         return False
-    ncols = min(4, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(4.4 * ncols, 3.9 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes = _panel_grid(len(panels))
     widths = runs.width[sel]
     for ax, panel in zip(axes.flat, panels, strict=False):
         if panel == "layers":
             colors = _colormap("viridis")([i / max(len(layers) - 1, 1) * 0.85 for i in range(len(layers))])
             visible, soft = [], []
             for i, m in enumerate(layers):
-                role = "input" if i == 0 else "output" if i == len(layers) - 1 else "hidden"
+                role = _layer_role(i, len(layers))
                 expected = expected_exponent(m, len(layers), _param(g))
                 label = f"layer {i} ({role}{', exp. ' + expected if expected else ''})"
                 _, v, c = _draw_measure(ax, bw, fits[m], runs, sel, m, colors[i], label, references=False)
@@ -483,13 +499,8 @@ def _plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
             ax.set_ylabel(LABELS.get(panel, panel))
             if note:
                 ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize=7.5, color="0.35", va="bottom")
-        _log_axes(ax, widths)
-        _set_log_ylim(ax, visible, soft)
-        ax.set_xlabel("width $n$")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        _finish_width_panel(ax, widths, visible, soft)
+    _hide_spare_panels(axes, len(panels))
     fig.suptitle(f"Deviations from the kernel limit vs width: {g.label}\n"
                  "mean over seeds with 95% CI (seeds faint); fit over the seeds, exponent [95% CI, t over seeds]",
                  fontsize=11)
