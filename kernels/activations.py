@@ -8,9 +8,10 @@ An :class:`Activation` bundles three things that must agree:
   ``[[k11, k12], [k12, k22]]`` it returns ``(T, Tdot) = (E[phi(u) phi(v)], E[phi'(u) phi'(v)])``.
   Closed forms where they exist, else Gauss-Hermite quadrature of the 2-D expectation.
 
-:func:`get_activation` parses the names used everywhere in the project (job files, the MLP, the
-analytic kernels): ``relu``, ``leaky_relu:<alpha>``, ``abrelu:<a>,<b>``, ``abs``, ``erf``, ``gelu``,
-``identity``, ``tanh``, ``sigmoid``, ``softplus``, or any elementwise torch callable.
+:func:`get_activation` builds one from a name used anywhere in the project (job files, the MLP, the
+analytic kernels), parsed by the torch-free :mod:`kernels.activation_spec` (``relu``,
+``leaky_relu:<alpha>``, ``abrelu:<a>,<b>``, ``abs``, ``erf``, ``gelu``, ``identity``, ``tanh``,
+``sigmoid``, ``softplus``), or from any elementwise torch callable.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from kernels.activation_spec import abrelu_name, parse_activation
+
 Tensor = torch.Tensor
 DualFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
-CLOSED_FORM = ("relu", "leaky_relu:<alpha>", "abrelu:<a>,<b>", "abs", "erf", "gelu", "identity")
-BY_QUADRATURE = ("tanh", "sigmoid", "softplus")
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ def abrelu(a: float, b: float, name: str | None = None) -> Activation:
         one = torch.ones((), dtype=z.dtype, device=z.device)
         return torch.where(z > 0, b * one, a * one)
 
-    return Activation(name or f"abrelu:{a:g},{b:g}", fn, deriv, _abrelu_dual(a, b), piecewise_linear=True)
+    return Activation(name or abrelu_name(a, b), fn, deriv, _abrelu_dual(a, b), piecewise_linear=True)
 
 
 def _gelu_deriv(z: Tensor) -> Tensor:
@@ -293,14 +294,14 @@ def _smooth(name: str, fn: Callable[[Tensor], Tensor], deriv: Callable[[Tensor],
     return Activation(name, fn, deriv, _quadrature_dual(fn, deriv), closed_form=False)
 
 
-def _parse_floats(spec: str, arg: str, count: int) -> list[float]:
-    try:
-        values = [float(v) for v in arg.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != count or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"activation {spec!r}: expected {count} number(s) after ':'")
-    return values
+_PLAIN: dict[str, Callable[[], Activation]] = {
+    "erf": lambda: Activation("erf", torch.erf, _erf_deriv, _erf_dual),
+    "gelu": lambda: Activation("gelu", torch.nn.functional.gelu, _gelu_deriv, _gelu_dual),
+    "identity": lambda: Activation("identity", lambda z: z, torch.ones_like, _identity_dual, piecewise_linear=True),
+    "tanh": lambda: _smooth("tanh", torch.tanh, _tanh_deriv),
+    "sigmoid": lambda: _smooth("sigmoid", torch.sigmoid, _sigmoid_deriv),
+    "softplus": lambda: _smooth("softplus", torch.nn.functional.softplus, torch.sigmoid),
+}
 
 
 def get_activation(spec: str | Callable[[Tensor], Tensor] | Activation) -> Activation:
@@ -312,30 +313,7 @@ def get_activation(spec: str | Callable[[Tensor], Tensor] | Activation) -> Activ
         return from_callable(spec)
     if not isinstance(spec, str):
         raise ValueError(f"activation must be a name or a callable, got {type(spec).__name__}")
-    base, _, arg = spec.strip().lower().partition(":")
-    if base == "relu" and not arg:
-        return abrelu(0.0, 1.0, "relu")
-    if base == "abs" and not arg:
-        return abrelu(-1.0, 1.0, "abs")
-    if base == "leaky_relu":
-        (alpha,) = _parse_floats(spec, arg or "0.01", 1)
-        return abrelu(alpha, 1.0, f"leaky_relu:{alpha:g}")
-    if base == "abrelu":
-        a, b = _parse_floats(spec, arg, 2)
-        return abrelu(a, b)
-    if arg:
-        raise ValueError(f"activation {spec!r} takes no parameter")
-    if base == "erf":
-        return Activation("erf", torch.erf, _erf_deriv, _erf_dual)
-    if base == "gelu":
-        return Activation("gelu", torch.nn.functional.gelu, _gelu_deriv, _gelu_dual)
-    if base in ("identity", "linear"):
-        return Activation("identity", lambda z: z, torch.ones_like, _identity_dual, piecewise_linear=True)
-    if base == "tanh":
-        return _smooth("tanh", torch.tanh, _tanh_deriv)
-    if base == "sigmoid":
-        return _smooth("sigmoid", torch.sigmoid, _sigmoid_deriv)
-    if base == "softplus":
-        return _smooth("softplus", torch.nn.functional.softplus, torch.sigmoid)
-    known = ", ".join(CLOSED_FORM + BY_QUADRATURE)
-    raise ValueError(f"unknown activation {spec!r}; known: {known}, or a torch callable")
+    spec_ = parse_activation(spec)
+    if spec_.family == "abrelu":
+        return abrelu(*spec_.params, spec_.name)
+    return _PLAIN[spec_.family]()
