@@ -3,6 +3,7 @@ commands, and every plot a real (tiny) sweep produces decoded as a non-blank ima
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,16 @@ def write_synthetic(out: Path, widths=(64, 128, 256), seeds=3, curves=False) -> 
         store.write_pack(pack)
 
 
+def exponent_row(md: str, measure: str, tail: str) -> tuple[float, float, float, float]:
+    """(exponent, CI low, CI high, R²) of the one row of ``measure`` in report.md's exponent table, whose
+    last cells (widths, runs used, expected) must read ``tail``."""
+    number = r"(-?\d+\.\d{3})"
+    pattern = rf"\| `{measure}` \| {number} \| \[{number}, {number}\] \| (\d\.\d\d) \| {re.escape(tail)} \|"
+    rows = [m for line in md.splitlines() if (m := re.fullmatch(pattern, line))]
+    assert len(rows) == 1, [line for line in md.splitlines() if f"`{measure}`" in line]
+    return tuple(float(v) for v in rows[0].groups())
+
+
 def assert_real_image(path: Path) -> None:
     image = mpimg.imread(path)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200, image.shape
@@ -83,7 +94,13 @@ def test_report_writes_every_plot_as_a_real_image(sweep_results, tmp_path, capsy
     for name in PLOTS:
         assert_real_image(tmp_path / "rep" / name)
         assert f"]({name})" in md
-    assert "| `kernel_rel_dev_init` |" in md and "[" in md  # the exponent table, with CIs
+    # The exponent table: the fit of scaling.parquet, its 95% CI around it, the widths, the runs used, the
+    # expectation of Lee et al. (one group: no group column).
+    exp, lo, hi, r2 = exponent_row(md, "kernel_rel_dev_init", "16–32 (2) | 4 | -1/2")
+    fit = query.query(sweep_results, "SELECT exponent, ci_low, ci_high, r2 FROM scaling "
+                                     "WHERE measure = 'kernel_rel_dev_init'").iloc[0]
+    assert (exp, lo, hi, r2) == pytest.approx((fit.exponent, fit.ci_low, fit.ci_high, fit.r2), abs=0.0051)
+    assert lo < exp < hi and 0 <= r2 <= 1
 
 
 def test_report_without_grams_or_curves_says_what_it_skipped(tmp_path):
@@ -95,7 +112,9 @@ def test_report_without_grams_or_curves_says_what_it_skipped(tmp_path):
     assert_real_image(tmp_path / "report" / "accuracy.png")
     assert not (tmp_path / "report" / "ntk_heatmap.png").exists()
     assert "No run stored its empirical NTK Gram" in md and "no training-curve plot" in md
-    assert "-0.5" in md or "-0.4" in md
+    # kernel_rel_dev_init = width^-1/2 times seed noise: the fitted exponent is near -1/2, its CI holds -1/2.
+    exp, lo, hi, _ = exponent_row(md, "kernel_rel_dev_init", "64–256 (3) | 9 | -1/2")
+    assert -0.6 < exp < -0.4 and lo < -0.5 < hi
 
 
 def test_run_config_is_rebuilt_from_a_runs_row(sweep_results):

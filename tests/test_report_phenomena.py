@@ -246,14 +246,14 @@ def test_old_results_get_every_new_section_skipped_with_a_note(tmp_path):
 
 
 def test_a_section_that_fails_is_skipped_not_the_report(tmp_path, monkeypatch):
-    import pipeline.report as report
+    import pipeline.report.phenomena as phenomena
 
     write_gp_runs(tmp_path, {64: 1.0, 128: 1.0}, seeds=3)
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(report, "_plot_gp_init", broken)
+    monkeypatch.setattr(phenomena, "plot_gp_init", broken)
     md = build_report(tmp_path).read_text()
     assert "_Skipped: failed: RuntimeError: boom._" in md
     assert_real_image(tmp_path / "report" / "deviations.png")
