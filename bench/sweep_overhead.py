@@ -23,9 +23,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.data import load_subset  # noqa: E402
+from pipeline.limits import analytic_blocks  # noqa: E402
+from pipeline.run import train_run  # noqa: E402
 from pipeline.runner import init_ray, run_sweep  # noqa: E402
 from pipeline.spec import parse_sweep  # noqa: E402
-from pipeline.train import analytic_blocks, load_subset, train_run  # noqa: E402
 
 
 def sweep_for(runs: int, steps: int, width: int) -> dict:

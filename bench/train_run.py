@@ -18,8 +18,10 @@ import time
 
 import torch
 
+from pipeline.data import load_subset
+from pipeline.limits import analytic_blocks
+from pipeline.run import train_run, train_runs
 from pipeline.run_config import RunConfig
-from pipeline.train import analytic_blocks, load_subset, train_run, train_runs
 
 
 def timed(fn, repeats: int) -> float:

@@ -12,7 +12,7 @@ steps, label noise, ... are never pooled. Every group column is repeated in both
 ``group_id``: a short stable hash of the group's settings.
 
 *Measures* are every numeric column of the runs table that is not a config column: the
-measurements of :mod:`pipeline.train` and any numeric column added later. List columns named
+measurements of :mod:`pipeline.results` and any numeric column added later. List columns named
 ``<name>_by_layer`` are split into ``<name>_layer0``, ``<name>_layer1``, ... (input layer first),
 and ``disagree_nn_lin_test = 1 - agree_nn_lin_test`` is derived. Statistics use the ``status ==
 "ok"`` runs only; ``n_runs``, ``n_ok``, ``n_diverged`` and ``n_failed`` count every run of the
@@ -39,9 +39,7 @@ part is committed before its ``runs`` part, so the runs fingerprint covers ``gp_
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.gp_init import gp_init_table
+from pipeline.groups import Runs, split_runs, with_groups
 from pipeline.run_config import RunConfig
 from pipeline.store import GP_SAMPLES, RUNS, ResultsStore, is_not_writable, write_parquet_atomic
 
@@ -87,7 +87,6 @@ EXPECTED_EXPONENT_MUP = {
     "disagree_nn_lin_test": "0",
     "relu_flip_frac": "0",
 }
-NOT_GROUPED = ("seed", "width", "lr", "sweep", "data_dir", "device")
 STATUSES = ("ok", "diverged", "failed")
 BOOTSTRAP = 2000
 # How scaling.parquet's exponent CIs are computed (see fit_power_law); the former within-width bootstrap
@@ -100,17 +99,9 @@ CI_METHODS = (CI_METHOD, "bootstrap_within_width")
 # Reading
 
 
-def read_table(results: str | Path, kind: str) -> pa.Table | None:
-    """Every Parquet part of ``RESULTS/<kind>/`` that reads, as one table, through the results
-    layout's one reader (:meth:`pipeline.store.ResultsStore.table`: Hive partition columns such as
-    ``dataset`` from the folder names, columns unified, rows de-duplicated by run id, a part that does
-    not read skipped and named on stderr). None if there is no part."""
+def read_table(results: str | Path, kind: str) -> pa.Table | None:  # TODO(issue 17): report.deps still reads it
     table = ResultsStore(results).table(kind)
     return table if table.num_columns else None
-
-
-def runs_parts(results: str | Path) -> list[Path]:
-    return ResultsStore(results).parts(RUNS)
 
 
 def fingerprint(results: str | Path) -> str:
@@ -118,7 +109,8 @@ def fingerprint(results: str | Path) -> str:
     the config fields (which make the group columns)."""
     root = Path(results)
     h = hashlib.sha256(f"{VERSION}|{','.join(RunConfig.model_fields)}\n".encode())
-    for part in [*runs_parts(root), *ResultsStore(root).parts(GP_SAMPLES)]:
+    store = ResultsStore(root)
+    for part in [*store.parts(RUNS), *store.parts(GP_SAMPLES)]:
         st = part.stat()
         h.update(f"{part.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
@@ -140,88 +132,6 @@ def stored_fingerprint(path: Path) -> str | None:
 def is_stale(results: str | Path) -> bool:
     current = fingerprint(results)
     return any(stored_fingerprint(aggregate_path(results, n)) != current for n in TABLES)
-
-
-# ----------------------------------------------------------------------------------------------
-# The runs as arrays
-
-
-@dataclass
-class Runs:
-    """The runs table split into what the aggregates need. ``groups``: one row per group (the group
-    columns, their original types); ``group_ids``: a stable hash of each group's settings (the
-    ``group_id`` column of the aggregates); ``gid``: per run, its group's row in ``groups``;
-    ``width``, ``seed``, ``status``: per run; ``measures``: name -> float64 per run (NaN where missing)."""
-
-    groups: pa.Table
-    group_ids: list[str]
-    gid: np.ndarray
-    width: np.ndarray
-    seed: np.ndarray
-    status: np.ndarray
-    measures: dict[str, np.ndarray]
-
-
-def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-
-
-def _as_float(column: pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def split_runs(table: pa.Table) -> Runs:
-    if "width" not in table.column_names:
-        raise UserError("runs table: no 'width' column")
-    config = set(RunConfig.model_fields)
-    group_cols = [c for c in RunConfig.model_fields if c in table.column_names and c not in NOT_GROUPED]
-    group_tbl = table.select(group_cols)
-    if "dataset" in group_cols:  # a Hive partition column may come back dictionary-encoded
-        group_tbl = group_tbl.set_column(group_cols.index("dataset"), "dataset",
-                                         group_tbl.column("dataset").cast(pa.string()))
-    settings = group_tbl.to_pylist()
-    keys = [json.dumps(r, sort_keys=True, default=str) for r in settings]
-    first: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    # Groups in a stable order: by their settings (dataset, n_train, ..., depth, activation, ...).
-    ordered = sorted(first, key=lambda k: tuple(_sort_key(v) for v in settings[first[k]].values()))
-    ids = {k: g for g, k in enumerate(ordered)}
-    gid = np.array([ids[k] for k in keys], dtype=np.int64)
-    groups = group_tbl.take(pa.array([first[k] for k in ordered], pa.int64()))
-    group_ids = [hashlib.sha256(k.encode()).hexdigest()[:12] for k in ordered]
-
-    n = table.num_rows
-    status = (np.array(table.column("status").to_pylist(), dtype=object) if "status" in table.column_names
-              else np.full(n, "ok", dtype=object))
-    seed = _as_float(table.column("seed")) if "seed" in table.column_names else np.zeros(n)
-    measures: dict[str, np.ndarray] = {}
-    for field in table.schema:
-        name = field.name
-        if name in config and name != "lr":
-            continue
-        if _numeric(field.type):
-            measures[name] = _as_float(table.column(name))
-        elif (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)) and name.endswith("_by_layer") \
-                and _numeric(field.type.value_type):
-            lists = table.column(name).to_pylist()
-            layers = max((len(v) for v in lists if v), default=0)
-            stem = name[: -len("_by_layer")]
-            for i in range(layers):
-                measures[f"{stem}_layer{i}"] = np.array(
-                    [float(v[i]) if v is not None and i < len(v) and v[i] is not None else math.nan for v in lists])
-    if "agree_nn_lin_test" in measures and "disagree_nn_lin_test" not in measures:
-        measures["disagree_nn_lin_test"] = 1.0 - measures["agree_nn_lin_test"]
-    width = _as_float(table.column("width")).astype(np.int64)
-    return Runs(groups=groups, group_ids=group_ids, gid=gid, width=width, seed=seed, status=status, measures=measures)
-
-
-def _sort_key(value: Any) -> tuple:
-    if value is None:
-        return (2, 0.0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), "")
-    return (1, 0.0, str(value))
 
 
 def deviation_measures(names: list[str] | tuple[str, ...]) -> list[str]:
@@ -446,7 +356,7 @@ def by_width_table(runs: Runs) -> pa.Table:
         "n_failed": pa.array(grid["failed"].to_numpy(dtype=np.int64)[sort]),
     }
     gids = grid["gid"].to_numpy(dtype=np.int64)[sort]
-    return _with_groups(runs, gids, cols)
+    return with_groups(runs, gids, cols)
 
 
 def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP, method: str = CI_METHOD) -> pa.Table:
@@ -475,15 +385,7 @@ def scaling_table(runs: Runs, *, n_boot: int = BOOTSTRAP, method: str = CI_METHO
         "ci_method": pa.string(), "n_seeds": pa.int64(), "ci_dof": pa.float64(), "dropped_bias": pa.string(),
     }
     cols = {k: pa.array([r[k] for r in rows], t) for k, t in fields.items()}
-    return _with_groups(runs, np.array(gids, dtype=np.int64), cols)
-
-
-def _with_groups(runs: Runs, gids: np.ndarray, cols: dict[str, pa.Array]) -> pa.Table:
-    out = runs.groups.take(pa.array(gids, pa.int64()))
-    out = out.add_column(0, "group_id", pa.array([runs.group_ids[g] for g in gids], pa.string()))
-    for name, col in cols.items():
-        out = out.append_column(name, col)
-    return out
+    return with_groups(runs, np.array(gids, dtype=np.int64), cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,8 +396,8 @@ def compute(results: str | Path, *, n_boot: int = BOOTSTRAP, runs_table: pa.Tabl
             ) -> tuple[pa.Table, pa.Table]:
     """``(by_width, scaling)`` of a results directory, without writing anything. ``runs_table``: the
     runs table, if the caller has read it already."""
-    table = runs_table if runs_table is not None else read_table(results, "runs")
-    if table is None or table.num_rows == 0:
+    table = runs_table if runs_table is not None else ResultsStore(results).table(RUNS)
+    if table.num_rows == 0:
         raise UserError(f"{Path(results) / 'runs'}: no runs yet (run a sweep into {results} first)")
     runs = split_runs(table)
     return by_width_table(runs), scaling_table(runs, n_boot=n_boot)
@@ -503,10 +405,8 @@ def compute(results: str | Path, *, n_boot: int = BOOTSTRAP, runs_table: pa.Tabl
 
 def _compute_all(root: Path) -> dict[str, pa.Table]:
     """The three aggregate tables, fingerprinted in their schema metadata."""
-    from pipeline.gp_init import gp_init_table
-
     stamp = fingerprint(root)
-    runs_table = read_table(root, "runs")
+    runs_table = ResultsStore(root).table(RUNS)
     tables = (*compute(root, runs_table=runs_table), gp_init_table(root, runs_table=runs_table))
     if fingerprint(root) != stamp:  # a sweep committed a part meanwhile: the next call recomputes
         stamp = "changed-while-computing"

@@ -33,16 +33,20 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.atomic import atomic_file
 from pipeline.errors import UserError
 from pipeline.preprocess import PREPROCESSING, preprocess_images
+
+if TYPE_CHECKING:
+    from pipeline.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -481,15 +485,8 @@ def _load_hash_index(folder: Path) -> dict:
 def _save_hash_index(folder: Path, index: dict) -> None:
     """Write the index atomically; a cache that cannot be written only costs re-hashing next time."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{HASH_INDEX}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(index, fh)
-            os.replace(tmp, folder / HASH_INDEX)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(folder / HASH_INDEX, "w") as fh:
+            json.dump(index, fh)
     except OSError as exc:
         log.warning("could not write %s (%s)", folder / HASH_INDEX, exc)
 
@@ -726,26 +723,16 @@ def _read_cache(path: Path, key: str, n_train: int, n_test: int) -> Subset | Non
 
 
 def _write_cache(path: Path, subset: Subset) -> None:
-    """Write the subset as one ``.npz``, atomically (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                **{f: getattr(subset, f) for f in _ARRAY_FIELDS},
-                key=np.array(subset.key),
-                name=np.array(subset.name),
-                classes=np.array(subset.classes, dtype=np.int64),
-                format_version=np.array(CACHE_FORMAT_VERSION),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the subset as one ``.npz``, atomically (:func:`pipeline.atomic.atomic_file`)."""
+    with atomic_file(path) as fh:
+        np.savez(
+            fh,
+            **{f: getattr(subset, f) for f in _ARRAY_FIELDS},
+            key=np.array(subset.key),
+            name=np.array(subset.name),
+            classes=np.array(subset.classes, dtype=np.int64),
+            format_version=np.array(CACHE_FORMAT_VERSION),
+        )
 
 
 def make_subset(
@@ -809,3 +796,12 @@ def make_subset(
     except OSError as exc:
         log.warning("could not write subset cache %s (%s); continuing without it", path, exc)
     return subset
+
+
+def load_subset(config: RunConfig) -> Subset:
+    """The (cached) dataset subset a run's config trains on (:func:`make_subset` of its data fields)."""
+    return make_subset(
+        config.dataset, resolve_data_root(config.data_dir), n_train=config.n_train, n_test=config.n_test,
+        seed=config.data_seed, classes=list(config.classes) if config.classes else None,
+        preprocess=config.preprocess, label_noise=config.label_noise,
+    )

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.atomic import commit, temp_beside
 from pipeline.errors import UserError
 
 DEFAULT_MIRRORS: dict[str, list[str]] = {
@@ -156,8 +157,7 @@ def _download(url: str, expected_md5: str, folder: Path, label: str, no_bar: boo
     ``no_bar`` is tqdm's ``disable`` (None: no bar unless stderr is a terminal). ``stall_s``: the longest
     wait for one read, and the window over which :data:`MIN_BYTES_PER_STALL` bytes must arrive.
     """
-    lock_fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
+    lock_fd, tmp = temp_beside(folder / label, suffix=".part")
     if fcntl is not None:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held while lock_fd is open: a live download is never cleaned up
     digest = hashlib.md5(usedforsecurity=False)
@@ -216,8 +216,7 @@ def _stage_all(table: Mapping[str, str], mirrors: list[str], folder: Path, no_ba
         for fname, md5 in todo.items():
             staged[fname] = _download_verified(fname, md5, mirrors, folder, no_bar, stall_s)
         for fname, (tmp, _) in staged.items():
-            tmp.chmod(0o644)  # mkstemp made it private
-            os.replace(tmp, folder / fname)
+            commit(tmp, folder / fname)
         for _, lock_fd in staged.values():
             os.close(lock_fd)
         staged.clear()

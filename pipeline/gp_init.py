@@ -34,9 +34,11 @@ estimator of :mod:`kernels.finite_width` (second-order noise only, so a few hund
   resampling the seeds as units (one resample of seed indices applied at every width: a seed's networks at
   different widths share their first rows), repeated on every width's row of the group.
 
-The analytic NNGP is recomputed on the test points (it depends on the inputs and the architecture
-only, not on the width). Groups whose data cannot be loaded here are skipped and named in the table's
-schema metadata (``ntk_sweep.gp_init_skipped``). Written by :func:`pipeline.aggregate.ensure_aggregates`
+The analytic NNGP on the test points (it depends on the inputs and the architecture only, not on the
+width) is read from the results, where the task that computed the runs' limits stored it once per subset
+(:func:`pipeline.store.nngp_test_path`); nothing here loads a dataset or imports torch. Groups without that
+array (results written by an older version) are skipped and named in the table's schema metadata
+(``ntk_sweep.gp_init_skipped``). Written by :func:`pipeline.aggregate.ensure_aggregates`
 to ``RESULTS/aggregates/gp_init.parquet`` (a view ``gp_init`` in ``ntk-sweep query``), with zero rows
 and the same columns when no width has two seeds with stored outputs.
 """
@@ -50,8 +52,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from kernels.bias_statistics import bias_statistics
+from pipeline.errors import UserError
+from pipeline.groups import split_runs, with_groups
 from pipeline.run_config import RunConfig
-from pipeline.store import GP_SAMPLES, OUTPUTS, RUNS, ResultsStore, write_parquet_atomic
+from pipeline.store import GP_SAMPLES, OUTPUTS, RUNS, ResultsStore, nngp_test_path
 
 KS_FLOOR_DRAWS = 32  # simulated GP draws behind ks_stat_floor
 BOOTSTRAP_DRAWS = 2000  # seed resamples behind nngp_bias_exponent's interval
@@ -75,8 +80,6 @@ NO_BIAS = {"nngp_bias_rel": math.nan, "nngp_bias_rel_lo": math.nan, "nngp_bias_r
 
 def bias_measures(gram: np.ndarray, k_fro2: float) -> dict:
     """The per-width bias columns (module docstring) from the ``(S, S)`` residual Gram and ``|K|_F^2``."""
-    from kernels.finite_width import bias_statistics
-
     st = bias_statistics(gram)
     half = 1.96 * st.u_se
     rel = lambda v: math.sqrt(max(v, 0.0) / k_fro2)  # noqa: E731
@@ -92,8 +95,6 @@ def bias_exponent(grams: dict[int, tuple[np.ndarray, float]], *, draws: int = BO
     only. NaNs with fewer than two widths; resamples in which a width's estimate is not positive are left
     out of the interval (there are none when every width is well resolved).
     """
-    from kernels.finite_width import bias_statistics
-
     widths = sorted(grams)
     if len(widths) < 2:
         return math.nan, math.nan, math.nan
@@ -158,18 +159,10 @@ def seed_counts(total: int) -> list[int]:
     return counts + [total]
 
 
-def _subset_config(row: dict) -> RunConfig:
-    """A config with the row's subset and architecture (what the NNGP depends on); the learning rate is
-    left out (a failed run records none, and it does not matter here)."""
-    fields = {k: row[k] for k in RunConfig.model_fields if k in row and row[k] is not None and k != "lr"}
-    fields["classes"] = tuple(fields["classes"]) if fields.get("classes") else None
-    return RunConfig(**fields)
-
-
 def load_recorded_subset(config: RunConfig, data_dir: str | None = None):
     """The subset of a recorded run: from ``data_dir`` if given, else the run's own data directory,
     falling back to the default root (a results directory may come from another machine)."""
-    from pipeline.train import load_subset
+    from pipeline.data import load_subset
 
     if data_dir is not None:
         return load_subset(config.model_copy(update={"data_dir": data_dir}))
@@ -187,15 +180,12 @@ def empty_table(group_fields: list[pa.Field] | None = None) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: pa.Table | None = None) -> pa.Table:
+def gp_init_table(results: str | Path, runs_table: pa.Table | None = None) -> pa.Table:
     """One row per (group, width) with at least 2 seeds that stored outputs: the measures above, after
     ``group_id`` and the group columns (as in ``by_width``). ``runs_table``: the runs table if the
     caller has read it already."""
-    from kernels.analytic import mlp_kernels
-    from pipeline.aggregate import read_table, split_runs
-
     store = ResultsStore(results)
-    runs_table = runs_table if runs_table is not None else read_table(results, RUNS)
+    runs_table = runs_table if runs_table is not None else store.table(RUNS)
     outputs = store.table(OUTPUTS)
     if runs_table is None or not runs_table.num_rows or "run_id" not in runs_table.column_names:
         return empty_table()
@@ -226,18 +216,16 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
             continue
         first = sorted(by_seed.values())[0] if by_seed else next(
             i for i, r in enumerate(rows_all) if r["run_id"] == gp_row["run_id"])
-        config = _subset_config(rows_all[first])
-        try:
-            subset = load_recorded_subset(config, data_dir)
-            cache_key = json.dumps([subset.key, config.depth, config.activation, config.w_std, config.b_std])
-            if cache_key not in analytic_cache:
-                nngp = mlp_kernels(subset.x_test.astype(np.float64), depth=config.depth,
-                                   activation=config.activation, w_std=config.w_std, b_std=config.b_std,
-                                   get=("nngp",))["nngp"]
-                analytic_cache[cache_key] = (nngp, gp_sqrt(nngp))
-        except Exception as exc:  # noqa: BLE001 - e.g. the dataset is not on this machine: skip the group
-            skipped[runs.group_ids[g]] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
+        config = RunConfig.from_row(rows_all[first])
+        cache_key = nngp_test_path(config)
+        if cache_key not in analytic_cache:
+            try:
+                nngp = store.read_array(cache_key).astype(np.float64)
+            except UserError:
+                skipped[runs.group_ids[g]] = (f"no analytic NNGP of its test points stored at grams.zarr/{cache_key} "
+                                              "(results written before it was stored there)")
+                continue
+            analytic_cache[cache_key] = (nngp, gp_sqrt(nngp))
         nngp, root = analytic_cache[cache_key]
         if gp_row is not None:
             f0 = np.asarray(gp_row["f0_test"], dtype=np.float64).reshape(gp_row["seeds"], gp_row["n_test"], -1)
@@ -277,10 +265,8 @@ def gp_init_table(results: str | Path, data_dir: str | None = None, runs_table: 
                 row.update(nngp_bias_exponent=slope, nngp_bias_exponent_lo=lo, nngp_bias_exponent_hi=hi)
     table = empty_table(group_fields)
     if out_rows:
-        from pipeline.aggregate import _with_groups
-
         cols = {k: pa.array([r[k] for r in out_rows], t) for k, t in MEASURE_FIELDS.items()}
-        table = _with_groups(runs, np.array(gids, dtype=np.int64), cols)
+        table = with_groups(runs, np.array(gids, dtype=np.int64), cols)
     if skipped:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                SKIPPED_KEY: json.dumps(skipped).encode()})
@@ -301,11 +287,3 @@ def skipped_groups(table: pa.Table) -> dict[str, str]:
     """group_id -> why it has no gp_init rows (its data could not be loaded), from the metadata."""
     raw = (table.schema.metadata or {}).get(SKIPPED_KEY)
     return json.loads(raw) if raw else {}
-
-
-def write_gp_init(results: str | Path, data_dir: str | None = None) -> Path:
-    """Compute and write ``RESULTS/aggregates/gp_init.parquet`` (no fingerprint: prefer
-    :func:`pipeline.aggregate.ensure_aggregates`, which writes it with the other aggregates)."""
-    path = Path(results) / "aggregates" / "gp_init.parquet"
-    write_parquet_atomic(gp_init_table(results, data_dir), path)
-    return path

@@ -20,7 +20,7 @@ Nothing is run or read but the two YAML files: the input dimension comes from :d
 output dimension from ``classes`` (one output for two classes, as :func:`pipeline.data._targets` does).
 
 **The memory model** (:func:`host_memory`, :func:`estimate_analytic`) is built from the arrays each phase of
-:func:`pipeline.train.train_runs` and :func:`pipeline.train.analytic_blocks` holds, in bytes, plus a measured
+:func:`pipeline.run.train_runs` and :func:`pipeline.limits.analytic_blocks` holds, in bytes, plus a measured
 constant per process and glibc's retention of freed blocks under 32 MiB, and checked against
 ``peak_rss_bytes`` of real sweeps on this machine (``bench/plan_memory.py``, ``bench/RESULTS.md``): estimate
 / measured 0.84-1.10 over 51 training tasks (``n_train`` 400..10,000, ``n_test`` 500..2,000, widths 64..4096,
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
+from pipeline.measures import MAX_EIGH, MAX_FULL_NTK, log_steps, norm_panels
 from pipeline.run_config import RunConfig, analytic_args, make_packs
 from pipeline.yaml_file import read_yaml_file
 
@@ -53,10 +54,6 @@ MIB = 1 << 20
 
 DATASET_DIMS = {"digits": 64, "mnist": 784, "fashion_mnist": 784, "cifar10": 3072}
 NUM_CLASSES = 10
-# The trainer's thresholds (pipeline.train): full (N, n, K, K) init NTK blocks up to n K = MAX_FULL_NTK;
-# train-set spectra and the spectral-bias eigenbasis up to n = MAX_EIGH.
-MAX_FULL_NTK = 4096
-MAX_EIGH = 4096
 
 # Gram compression: float32 empirical NTK Grams of MNIST subsets (N = 2,000; widths 64 and 1024, depths 1
 # and 3), measured once: blosc-lz4 + byte shuffle 1.14-1.24x, zstd level 3 1.12-1.15x. The estimate takes
@@ -81,14 +78,6 @@ def num_params(in_dim: int, width: int, depth: int, out_dim: int) -> int:
     if depth == 0:
         return out_dim * (in_dim + 1)
     return width * (in_dim + 1) + (depth - 1) * width * (width + 1) + out_dim * (width + 1)
-
-
-def _log_points(steps: int, points: int) -> int:
-    """How many evaluations :func:`pipeline.train.log_steps` makes (about ``points``)."""
-    if steps == 0:
-        return 1
-    grid = {round(10 ** (i * math.log10(steps) / (points - 2))) for i in range(points - 1)} if points > 2 else {steps}
-    return 1 + len({s for s in grid if 0 < s <= steps})
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -195,7 +184,7 @@ class RunEstimate:
 
 # Memory model constants (bytes), fitted once to bench/plan_memory.py on this machine (bench/RESULTS.md).
 # Baselines: the resident set of a Ray worker at the start of a task (interpreter, torch, numpy, scipy, Ray's
-# core worker; VmHWM is reset there) plus what the task pages in (pipeline.train, LAPACK, the allocator's
+# core worker; VmHWM is reset there) plus what the task pages in (pipeline.run, LAPACK, the allocator's
 # retained heap). On a GPU node the CUDA runtime maps its libraries into the host process too (not measured).
 TRAIN_BASELINE_BYTES = 600 * MIB
 ANALYTIC_BASELINE_BYTES = 440 * MIB
@@ -244,11 +233,10 @@ def ntk_memory(n1: int, n2: int, in_dim: int, width: int, depth: int, k: int, it
     return max(feats + out + plan.rows * plan.cols * per_pair, out * (2 if copy else 1))
 
 
-def norm_panels(n: int, big_n: int, width: int) -> list[int]:
-    """Row counts of the panels in which :func:`pipeline.train._kernel_norms` forms the empirical NTKs:
-    ``max(1024, 2 width)`` rows (at most ``N``), never straddling the train/test boundary ``n``."""
-    rows = min(big_n, max(1024, 2 * width))
-    return [min(end, lo + rows) - lo for start, end in ((0, n), (n, big_n)) for lo in range(start, end, rows)]
+def panel_rows(n: int, big_n: int, width: int) -> list[int]:
+    """Row counts of the panels in which the run forms its empirical NTKs for their norms
+    (:func:`pipeline.measures.norm_panels`)."""
+    return [r1 - r0 for r0, r1 in norm_panels(n, big_n, width)]
 
 
 def _panel_memory(n: int, big_n: int, in_dim: int, width: int, depth: int, k: int, b: int, t: float) -> float:
@@ -257,7 +245,7 @@ def _panel_memory(n: int, big_n: int, in_dim: int, width: int, depth: int, k: in
     previous panel's final NTK, not yet rebound: ``(32 R_i + 8 R_{i-1}) N``), or one empirical NTK being
     formed (``t`` x :func:`ntk_memory`) beside the float64 panels still held."""
     peak, prev = 0.0, 0
-    for rows in norm_panels(n, big_n, width):
+    for rows in panel_rows(n, big_n, width):
         forming = t * ntk_memory(rows, big_n, in_dim, width, depth, k, b)
         peak = max(peak, (32.0 * rows + 8.0 * prev) * big_n, 16.0 * prev * big_n + forming,
                    8.0 * (rows + prev) * big_n + forming)
@@ -267,7 +255,7 @@ def _panel_memory(n: int, big_n: int, in_dim: int, width: int, depth: int, k: in
 
 def host_memory(configs: list[RunConfig], in_dim: int, out_dim: int, on_gpu: bool = False,
                 store: str = "none") -> dict[str, float]:
-    """Bytes the training task of a pack holds in each phase of :func:`pipeline.train.train_runs`, above
+    """Bytes the training task of a pack holds in each phase of :func:`pipeline.run.train_runs`, above
     :data:`TRAIN_BASELINE_BYTES`; its peak is the baseline plus the largest phase.
 
     Every phase counts the object-store pages touched by then (the subset, ``N d`` float32; the analytic
@@ -340,7 +328,7 @@ def device_memory(configs: list[RunConfig], in_dim: int, out_dim: int, store: st
     else:
         ph.append(2 * s * p * b + 3 * p * b + (depth + STEP_ACTIVATIONS) * n * w * b)
     state = (6 * s + 2) * p * b
-    rows = max(norm_panels(n, big_n, w))
+    rows = max(panel_rows(n, big_n, w))
     ph.append(state + ntk_memory(rows, big_n, in_dim, w, depth, k, b) + 8.0 * rows * big_n)
     if n <= MAX_EIGH:
         ph.append(state + ntk_memory(n, n, in_dim, w, depth, k, b, symmetric=True) + 8.0 * n * n)
@@ -382,12 +370,12 @@ def flops(configs: list[RunConfig], in_dim: int, out_dim: int, store: str = "non
     big_n = n + m
     p = num_params(in_dim, c.width, c.depth, k)
     batch = c.batch_size or n
-    evals = _log_points(c.steps, c.log_points)
+    evals = len(log_steps(c.steps, c.log_points))
     dev = s * (c.steps * 14.0 * batch * p + evals * 6.0 * big_n * p)
     grams = {"none": 0, "init": 1, "init+final": 2}.get(store, 0)
     dev += s * (2 + grams) * _ntk_flops(big_n, big_n, in_dim, c.width, c.depth, k, trace=True)
     # The kernel norms form both NTKs in row panels, recomputing the N column points' features for each.
-    panels = len(norm_panels(n, big_n, c.width))
+    panels = len(panel_rows(n, big_n, c.width))
     dev += s * 2 * (panels - 1) * _features_flops(big_n, in_dim, c.width, c.depth, k)
     host = 0.0
     if n * k <= MAX_FULL_NTK:
@@ -423,7 +411,7 @@ def analytic_flops(config: RunConfig, in_dim: int) -> float:
 
 def estimate_analytic(config: RunConfig, in_dim: int, out_dim: int) -> int:
     """Peak host bytes of the Ray task that computes the analytic kernels of a (subset, architecture)
-    (:func:`pipeline.train.analytic_blocks`): :data:`ANALYTIC_BASELINE_BYTES`, the float64 inputs, tile
+    (:func:`pipeline.limits.analytic_blocks`): :data:`ANALYTIC_BASELINE_BYTES`, the float64 inputs, tile
     temporaries (a dozen ``1024^2`` float64), the NTK blocks it returns (``8 (n^2 + n m + m^2)``, then the
     ``n m`` solver) and at its largest either a Cholesky factorisation (the regularised copy and LAPACK's
     Fortran-ordered copy, ``16 n^2``) with its solve, or the copy of the result into the object store."""

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from pipeline import gram_job
+from pipeline.atomic import atomic_file
 from pipeline.errors import UserError
 
 SOLVERS = ("auto", "float64", "float32-pcg")  # kernels.solve.METHODS
@@ -292,11 +293,8 @@ def _write_predictions(path: str, pred: Any, labels: Any, guess: Any, meta: dict
     for j in range(pred.shape[1]):
         cols[f"f{j}"] = pred[:, j]
     table = pa.table(cols).replace_schema_metadata({"ntk_sweep_predict": json.dumps(meta)})
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp)
-    import os
-
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        pq.write_table(table, fh)
 
 
 if __name__ == "__main__":  # pragma: no cover

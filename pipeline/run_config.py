@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kernels.activations import get_activation
+from kernels.activation_spec import canonical_activation
 
 # Fields that say where or how fast a run executes, not what it computes.
 EXECUTION_FIELDS = ("data_dir", "device", "sweep")
@@ -58,7 +58,7 @@ class RunConfig(BaseModel):
     @field_validator("activation")
     @classmethod
     def _known_activation(cls, value: str) -> str:
-        get_activation(value)  # raises ValueError naming the known activations
+        canonical_activation(value)  # raises ValueError naming the known activations
         return value
 
     @field_validator("classes")
@@ -101,11 +101,19 @@ class RunConfig(BaseModel):
             fields["lr"] = None
         return cls(**fields)
 
+    def kernel_args(self) -> dict:
+        """The keyword arguments of :func:`kernels.analytic.mlp_kernels` for this run's architecture. μP maps
+        to NTK: its empirical NTK at init equals the NTK-parameterisation one for the same draws
+        (:mod:`kernels.mlp`), so its limit at init is the same ``Theta``."""
+        param = "ntk" if self.parameterization == "mup" else self.parameterization
+        return dict(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
+                    parameterization=param, width=self.width if self.parameterization == "standard" else None)
+
     def canonical(self) -> dict:
         """The fields that determine the result, JSON-ready, in a fixed order."""
         data = self.model_dump(exclude=set(EXECUTION_FIELDS))
         data["classes"] = list(self.classes) if self.classes is not None else None
-        data["activation"] = get_activation(self.activation).name
+        data["activation"] = canonical_activation(self.activation)
         return data
 
     @property
@@ -139,9 +147,8 @@ def analytic_args(config: RunConfig) -> tuple:
     """What identifies the analytic kernels of a run: its subset and architecture (and, in standard
     parameterisation, its width, on which that NTK depends). μP shares the NTK-parameterisation kernels: its
     empirical NTK at init is the NTK one (kernels.mlp)."""
-    width = config.width if config.parameterization == "standard" else None
-    param = "ntk" if config.parameterization == "mup" else config.parameterization
-    return (subset_args(config), config.depth, config.activation, config.w_std, config.b_std, param, width)
+    k = config.kernel_args()
+    return (subset_args(config), k["depth"], k["activation"], k["w_std"], k["b_std"], k["parameterization"], k["width"])
 
 
 def make_packs(runs: list[RunConfig], pack_seeds: bool, pack_max_width: int = 512) -> list[list[RunConfig]]:

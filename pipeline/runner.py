@@ -6,7 +6,7 @@ one task per (subset, architecture) for the analytic kernels, then one training 
 receives both by reference. Results come back to the driver, which writes them atomically
 (:mod:`pipeline.store`), so a cluster needs no shared filesystem.
 
-Failures: an exception inside a run is deterministic; :func:`pipeline.train.train_runs` records it
+Failures: an exception inside a run is deterministic; :func:`pipeline.run.train_runs` records it
 as ``status="failed"`` and the sweep goes on (``retry_exceptions`` is off); ``retry_failed`` runs them
 again, and their new rows supersede the failed ones (:meth:`pipeline.store.ResultsStore.supersede`).
 A worker that dies (OOM, lost node) is retried ``max_retries`` times; if it still fails, its runs
@@ -38,10 +38,19 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.plan import estimate_analytic, estimate_gp, estimate_pack, gp_configs, num_params  # noqa: E402
 from pipeline.ray_session import check_task_fits, init_ray, use_auth_token_if_present  # noqa: E402,F401
 from pipeline.run_config import RunConfig, analytic_args, make_packs, subset_args  # noqa: E402,F401
 from pipeline.spec import Sweep, load_sweep  # noqa: E402
-from pipeline.store import GP_SAMPLES, GramWriter, ResultsNotShared, ResultsStore, RunClaims, is_not_writable  # noqa: E402
+from pipeline.store import (  # noqa: E402
+    GP_SAMPLES,
+    GramWriter,
+    ResultsNotShared,
+    ResultsStore,
+    RunClaims,
+    is_not_writable,
+    write_parquet_atomic,
+)
 
 
 @dataclass
@@ -68,14 +77,13 @@ class SweepSummary:
 def pack_cost(pack: list[RunConfig], in_dim: int, out_dim: int) -> float:
     """Training FLOPs, up to a constant: points x parameters x steps x seeds."""
     c = pack[0]
-    params = c.width * (in_dim + out_dim) + max(c.depth - 1, 0) * c.width**2
-    return len(pack) * c.n_train * params * max(c.steps, 1)
+    return len(pack) * c.n_train * num_params(in_dim, c.width, c.depth, out_dim) * max(c.steps, 1)
 
 
 def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gram_writer) -> list:
     import torch
 
-    from pipeline.train import train_runs
+    from pipeline.run import train_runs
 
     gram_writer.check()  # before any work: raises ResultsNotShared, which stops the sweep
     # A pooled worker keeps the thread count of its first task: set it for every task.
@@ -90,13 +98,15 @@ def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gra
     return results
 
 
-def _analytic_task(config: RunConfig, subset, num_cpus: float):
+def _analytic_task(config: RunConfig, subset, num_cpus: float, gram_writer):
     import torch
 
-    from pipeline.train import analytic_blocks
+    from pipeline.limits import analytic_blocks
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    return analytic_blocks(config, subset)
+    blocks = analytic_blocks(config, subset)
+    gram_writer.write_nngp_test(config, subset.x_test)
+    return blocks
 
 
 def _gp_task(config: RunConfig, subset, seeds: int, num_cpus: float) -> dict:
@@ -111,7 +121,6 @@ def _gp_task(config: RunConfig, subset, seeds: int, num_cpus: float) -> dict:
 def gp_todo(sweep: Sweep, runs: list[RunConfig], store: ResultsStore) -> list[RunConfig]:
     """For ``gp_seeds``: the runs (:func:`pipeline.plan.gp_configs`) whose ``gp_samples`` row is missing."""
     from pipeline.gp_sample import gp_id
-    from pipeline.plan import gp_configs
 
     configs = gp_configs(sweep, runs)
     if not configs:
@@ -142,7 +151,7 @@ def run_sweep(
     """
     from tqdm import tqdm
 
-    from pipeline.train import load_subset
+    from pipeline.data import load_subset
 
     start = time.perf_counter()
     for flag, value in (("max_parallel", max_parallel), ("num_cpus", num_cpus)):
@@ -170,8 +179,6 @@ def run_sweep(
     store.check_writable()
 
     import ray
-
-    from pipeline.plan import estimate_analytic, estimate_pack
 
     res = sweep.resources
     dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
@@ -237,8 +244,6 @@ def run_sweep(
 
 def _submit_gp(sweep: Sweep, configs: list[RunConfig], subsets: dict, subset_refs: dict, ray) -> dict:
     """Start the init-only GP tasks (``gp_seeds``); they run beside the training packs."""
-    from pipeline.plan import estimate_gp
-
     res = sweep.resources
     task = ray.remote(_gp_task)
     refs = {}
@@ -256,7 +261,6 @@ def _commit_gp(store: ResultsStore, refs: dict, ray, out: str | Path, summary: S
     """Write each GP task's row as its own part of ``gp_samples`` (atomically), as it finishes."""
     import pyarrow as pa
 
-    from pipeline.store import write_parquet_atomic
 
     pending = dict(refs)
     while pending:
@@ -289,8 +293,7 @@ def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[
     train_task = ray.remote(max_calls=1)(_train_task) if res.num_gpus > 0 else ray.remote(_train_task)
     analytic_task = ray.remote(_analytic_task)
     common = dict(num_cpus=res.num_cpus, max_retries=res.max_retries, retry_exceptions=False)
-    writer = GramWriter(store.root.resolve(), sweep.kernels.store,
-                        store.probe_token() if sweep.kernels.store != "none" else None)
+    writer = GramWriter(store.root.resolve(), sweep.kernels.store, store.probe_token())
     dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
 
     analytic_refs: dict[tuple, object] = {}
@@ -298,7 +301,7 @@ def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[
         key = analytic_args(r)
         if key not in analytic_refs:
             analytic_refs[key] = analytic_task.options(num_gpus=0, memory=analytic_memory[key], **common).remote(
-                r, subset_refs[subset_args(r)], res.num_cpus)
+                r, subset_refs[subset_args(r)], res.num_cpus, writer)
 
     # Largest first, so the long tasks start early and the small ones fill the gaps.
     order = sorted(range(len(packs)), key=lambda i: -pack_cost(packs[i], *dims[subset_args(packs[i][0])]))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from kernels.activations import get_activation
+from kernels.activation_spec import canonical_activation
 from pipeline import plan
 from pipeline.errors import UserError
 from pipeline.run_config import MAX_SEED, RunConfig
@@ -42,7 +42,6 @@ MAX_LOG_POINTS = 10_000
 MAX_RETRIES = 100
 MAX_INT = 2**63 - 1  # what a Parquet int64 column holds
 
-NonEmptyPositive = list[int]
 
 
 class _Strict(BaseModel):
@@ -113,7 +112,7 @@ class ArchitectureSpec(_Strict):
     @field_validator("activation")
     @classmethod
     def _known(cls, value: str) -> str:
-        get_activation(value)
+        canonical_activation(value)
         return value
 
 

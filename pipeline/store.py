@@ -48,12 +48,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
 
-    from pipeline.train import RunResult
+    from pipeline.results import RunResult
+    from pipeline.run_config import RunConfig
 
 RUNS, CURVES, SPECTRAL, OUTPUTS, SWEEPS, GRAMS = "runs", "curves", "spectral", "outputs", "sweeps", "grams.zarr"
 AGGREGATES, QUARANTINE, REPORT, CLAIMS = "aggregates", "quarantine", "report", ".claims"
@@ -88,24 +90,11 @@ def pack_id(run_ids: Iterable[str]) -> str:
     return hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` through a temp file in the same folder and a rename."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
 def is_not_writable(exc: OSError) -> bool:
@@ -244,7 +233,7 @@ class ResultsStore:
         """Write ``sweeps/<name>.yaml`` when it is absent or different. Returns whether it wrote."""
         if not self.sweep_changed(name, resolved):
             return False
-        _atomic_write_bytes(self.root / SWEEPS / f"{name}.yaml", self._sweep_bytes(resolved))
+        write_bytes_atomic(self.root / SWEEPS / f"{name}.yaml", self._sweep_bytes(resolved))
         return True
 
     def sweeps(self) -> dict[str, dict]:
@@ -550,7 +539,7 @@ class ResultsStore:
         does not see it is on a node where this results directory is some other, local folder."""
         probe = self.root / PROBE
         if not probe.is_file():
-            _atomic_write_bytes(probe, uuid.uuid4().hex.encode())
+            write_bytes_atomic(probe, uuid.uuid4().hex.encode())
         return probe.read_text()
 
     def read_array(self, path: str) -> np.ndarray:
@@ -643,7 +632,7 @@ class RunClaims:
                     if owner == self.owner:
                         self.held.add(rid)
                     continue
-                _atomic_write_bytes(path, self.owner.encode())  # taken over from a dead sweep
+                write_bytes_atomic(path, self.owner.encode())  # taken over from a dead sweep
             else:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(self.owner)
@@ -678,6 +667,18 @@ class ResultsNotShared(RuntimeError):
     """A worker does not see the driver's results directory (it is not on a shared filesystem)."""
 
 
+def nngp_test_path(config: RunConfig) -> str:
+    """Where in ``grams.zarr`` the analytic NNGP on a run's test points lies: one array per (subset,
+    architecture), named by a hash of the fields it depends on (the data directory and width do not
+    matter: the NNGP of an MLP does not depend on the width in any parameterisation here)."""
+    fields = dict(dataset=config.dataset, n_train=config.n_train, n_test=config.n_test,
+                  classes=list(config.classes) if config.classes else None, preprocess=config.preprocess,
+                  label_noise=config.label_noise, data_seed=config.data_seed, depth=config.depth,
+                  activation=config.canonical()["activation"], w_std=config.w_std, b_std=config.b_std)
+    key = hashlib.sha256(yaml.safe_dump(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return f"limits/{key}/nngp_test"
+
+
 class GramWriter:
     """Writes a run's empirical NTK Grams into ``RESULTS/grams.zarr/empirical/<run_id>/{init,final}`` with
     :func:`kernels.gram.gram_to_zarr` (its layout, tiles and attributes: the project's one Zarr convention),
@@ -690,11 +691,10 @@ class GramWriter:
         self._checked = probe is None
 
     def check(self) -> None:
-        """Raise :class:`ResultsNotShared` if this node does not see the driver's probe (no-op when the
-        job stores no Grams)."""
+        """Raise :class:`ResultsNotShared` if this node does not see the driver's probe (once per task)."""
         import socket
 
-        if self._checked or self.store == "none":
+        if self._checked:
             return
         probe = Path(self.root) / PROBE
         seen = probe.read_text() if probe.is_file() else None
@@ -703,6 +703,25 @@ class GramWriter:
                                    "driver's: the workers write the Grams there, so it must be a path that every "
                                    "node sees (a shared filesystem)")
         self._checked = True
+
+    def write_nngp_test(self, config: RunConfig, x_test: np.ndarray) -> None:
+        """Write the analytic NNGP on a run's test points, ``(m, m)`` float64, at :func:`nngp_test_path`:
+        what the outputs at init are compared with (:mod:`pipeline.gp_init`), stored once per subset and
+        architecture by the task that computes the run's limits, so reading results never recomputes it."""
+        self.check()
+        import torch
+
+        from kernels.gram import AnalyticKernel, gram_to_zarr
+
+        k = config.kernel_args()
+        kernel = AnalyticKernel(kind="nngp", depth=k["depth"], activation=k["activation"], w_std=k["w_std"],
+                                b_std=k["b_std"], dtype="float64", impl="generic")
+        attrs = {"kernel": "nngp", "dataset": config.dataset, "n_test": config.n_test,
+                 "preprocess": config.preprocess, "data_seed": config.data_seed,
+                 "classes": list(config.classes) if config.classes else None, "points": f"test[:{config.n_test}]"}
+        gram_to_zarr(kernel, np.asarray(x_test, dtype=np.float64), store=str(Path(self.root) / GRAMS),
+                     path=nngp_test_path(config), dtype="float64", attrs=attrs, overwrite=True, scheduler="sync",
+                     progress=False, workers=1, torch_threads=torch.get_num_threads())
 
     def __call__(self, result: RunResult, model0, model_t, x_all) -> None:
         """Write ``init`` (and ``final`` when the job stores it and the run did not diverge). Each Gram is

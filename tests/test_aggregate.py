@@ -13,9 +13,9 @@ from scipy import stats
 
 from pipeline import aggregate
 from pipeline.errors import UserError
+from pipeline.results import SCALAR_METRICS, RunResult
 from pipeline.run_config import RunConfig
 from pipeline.store import ResultsStore, write_parquet_atomic
-from pipeline.train import SCALAR_METRICS, RunResult
 
 WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)
 EXPONENTS = {"kernel_rel_dev_init": -0.5, "kernel_rel_change": -0.77, "rmse_nn_lin_test": -0.66,
@@ -298,7 +298,7 @@ def test_recomputed_only_when_the_runs_change(tmp_path):
     assert aggregate.ensure_aggregates(tmp_path) is True
     assert 256 in set(aggregate.load(tmp_path, "by_width").width)
     # Touching a part (rewritten in place) also counts as a change.
-    part = aggregate.runs_parts(tmp_path)[0]
+    part = ResultsStore(tmp_path).parts("runs")[0]
     os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
     assert aggregate.is_stale(tmp_path)
     assert aggregate.ensure_aggregates(tmp_path, force=False) is True

@@ -28,11 +28,12 @@ from hypothesis import strategies as st
 
 from pipeline import data
 from pipeline.cli import main
+from pipeline.data import load_subset
 from pipeline.errors import UserError
 from pipeline.fetch import CHECKSUMS, fetch_dataset, remove_leftovers
+from pipeline.run import train_run
 from pipeline.run_config import RunConfig
 from pipeline.spec import MAX_RUNS, load_sweep, parse_sweep
-from pipeline.train import load_subset, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.run import train_runs
 from pipeline.run_config import RunConfig, make_packs
-from pipeline.train import train_runs
 
 GOLDEN = Path(__file__).parent / "data" / "golden_float64.json"
 NOT_COMPARED = {"wall_s", "peak_rss_bytes", "peak_gpu_bytes", "analytic_peak_rss_bytes", "node", "device"}

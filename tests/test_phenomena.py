@@ -9,8 +9,8 @@ import torch
 from kernels.analytic import mlp_kernels
 from kernels.mlp import MLP
 from pipeline.gp_init import covariance_error, normality
+from pipeline.run import train_run
 from pipeline.run_config import RunConfig
-from pipeline.train import train_run
 
 torch.set_num_threads(2)
 

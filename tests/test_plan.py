@@ -61,7 +61,7 @@ def cluster(workers: dict, head: dict | None = None, max_workers: int = 8) -> di
 
 
 def test_output_width_follows_the_trainers_targets():
-    from pipeline.train import load_subset
+    from pipeline.data import load_subset
 
     for classes, k in ((None, 10), ((3, 5), 1), ((1, 2, 7), 3)):
         c = RunConfig(dataset="digits", n_train=40, n_test=30, classes=classes)
