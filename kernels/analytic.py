@@ -1,9 +1,11 @@
-"""Infinite-width NNGP and NTK of the fully-connected network in :mod:`kernels.mlp`.
+"""Infinite-width NNGP and NTK of the fully-connected network of :mod:`kernels.mlp`, from the same description.
 
 Network convention (the one of ``neural-tangents``' ``stax.Dense(W_std, b_std)``): ``depth`` hidden
-layers, each ``Dense(width) -> activation``, then a linear readout ``Dense(out)``. In NTK
-parameterisation a Dense layer is ``z = w_std/sqrt(fan_in) * W h + b_std * b`` with ``W, b ~ N(0, 1)``.
-The recursion, with ``(T, Tdot)`` the activation's Gaussian dual (:mod:`kernels.activations`):
+layers, each ``Dense(width) -> activation``, then a linear readout ``Dense(out)``, the description
+:func:`kernels.layers.mlp` that :class:`kernels.mlp.MLP` is built from; each layer's ``kernel`` rule
+(:mod:`kernels.layers`) does one step. In NTK parameterisation a Dense layer is
+``z = w_std/sqrt(fan_in) * W h + b_std * b`` with ``W, b ~ N(0, 1)``. The recursion, with ``(T, Tdot)`` the
+activation's Gaussian dual (:mod:`kernels.activations`):
 
     K^1(x, x') = w_std^2 x.x'/d + b_std^2              Theta^1 = K^1
     K^{l+1}    = w_std^2 T(K^l) + b_std^2              Theta^{l+1} = K^{l+1} + w_std^2 Tdot(K^l) Theta^l
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.activations import Activation, get_activation
+from kernels.activations import Activation
+from kernels.layers import KernelState, mlp
 
 Tensor = torch.Tensor
 ArrayLike = Any  # numpy array or torch tensor
@@ -83,31 +86,13 @@ def mlp_kernels_from_dots(
         ``{"nngp": (N1, N2), "ntk": (N1, N2)}`` (the requested subset), in ``dot12``'s dtype.
     """
     get = _check_args(depth, parameterization, width, get)
-    act = get_activation(activation)
-    w2, b2 = float(w_std) ** 2, float(b_std) ** 2
-    standard = parameterization == "standard"
-    want_ntk = "ntk" in get
-
-    k12 = w2 * dot12 / in_dim + b2
-    k11 = (w2 * sq1 / in_dim + b2)[:, None]
-    k22 = (w2 * sq2 / in_dim + b2)[None, :]
-    ntk = None
-    if want_ntk:
-        ntk = (dot12 + 1.0) if standard else k12.clone()
-    for _ in range(depth):
-        t12, tdot = act.dual(k11, k22, k12)
-        t11 = act.dual(k11, k11, k11)[0]  # diagonals: the same rule at k12 = k11
-        t22 = act.dual(k22, k22, k22)[0]
-        next_k12 = w2 * t12 + b2
-        if want_ntk:
-            fresh = (width * t12 + 1.0) if standard else next_k12
-            ntk = fresh + w2 * tdot * ntk
-        k12, k11, k22 = next_k12, w2 * t11 + b2, w2 * t22 + b2
+    net = mlp(depth, width, None, activation, w_std, b_std, parameterization)
+    state = net.kernel(KernelState.from_dots(dot12, sq1, sq2, in_dim, track_ntk="ntk" in get))
     out = {}
     if "nngp" in get:
-        out["nngp"] = k12
-    if want_ntk:
-        out["ntk"] = ntk
+        out["nngp"] = state.k12
+    if state.track_ntk:
+        out["ntk"] = state.ntk
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from kernels.analytic import mlp_kernels
+from kernels.empirical import empirical_ntk
 from kernels.mlp import MLP
 
 
@@ -21,10 +22,6 @@ def main() -> None:
     theta = mlp_kernels(x, depth=2)["ntk"]
     print(f"analytic NTK of a depth-2 ReLU MLP on {len(x)} digits: eig range "
           f"[{np.linalg.eigvalsh(theta).min():.3g}, {np.linalg.eigvalsh(theta).max():.3g}]")
-    try:
-        from kernels.empirical import empirical_ntk
-    except ImportError:
-        return
     xt = torch.tensor(x)
     print(f"{'width':>6}  {'|emp - analytic| / |analytic|':>30}")
     for width in (64, 256, 1024, 4096):

@@ -7,7 +7,8 @@ kernel) as the width grows; ``trace=False`` gives the full ``(N1, N2, K, K)`` bl
 
 Three methods, all exact (they agree to rounding):
 
-``"structured"``  only for :class:`kernels.mlp.MLP`. For a fully-connected net the parameter gradients of
+``"structured"``  only for :class:`kernels.mlp.MLP`, from its layers' structured rules
+    (:mod:`kernels.layers`). For a fully-connected net the parameter gradients of
     layer ``l`` are outer products, so its contribution is a product of two Grams::
 
         Theta_hat_kk'(x, x') = sum_l <delta_l^k(x), delta_l^k'(x')> * (cw_l^2 <h_l(x), h_l(x')> + cb_l^2)
@@ -279,69 +280,30 @@ def _symmetrise(out: Tensor) -> Tensor:
 def _structured(
     model: MLP, a: Tensor, b: Tensor, symmetric: bool, trace: bool, chunk_size: int | None
 ) -> Tensor:
-    layers = list(model.layers)
-    depth, K = len(layers) - 1, layers[-1].weight.shape[0]
-    width = layers[0].weight.shape[0] if depth else 0
-    deriv = model.activation.deriv
-    cw2 = [float(layer.weight_scale) ** 2 for layer in layers]
-    cb2 = [float(layer.bias_scale) ** 2 for layer in layers]
-    # Top hidden layer, traced: sum_k delta^k(x) . delta^k(x') = sum_j s_j phi'_j(x) phi'_j(x') with
-    # s_j = cw_L^2 sum_k W_L[k, j]^2, so its feature is phi'(z) * sqrt(s / K) (no K x width tensor needed).
-    top_scale = None
-    if trace and depth:
-        readout = layers[-1]
-        top_scale = (readout.weight.square().sum(dim=0) * (cw2[-1] / K)).sqrt_()
-    # Hidden deltas traced: divide by sqrt(K) once so the Gram is already the output mean.
-    delta_scale = 1.0 / math.sqrt(K) if trace else 1.0
+    """The layers' structured rules (:meth:`kernels.layers.Serial.entk_features`), paired block by block."""
+    net, modules = model.net, model.layers
+    depth, K = model.depth, modules[-1].weight.shape[0]
+    width = modules[0].weight.shape[0] if depth else 0
 
-    def features(x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``(inputs, deltas)``: ``inputs[l]`` is ``h_l`` (N, fan_in_l); ``deltas[l]`` is delta_l for the
-        hidden layers, as an ``(N, K*width)`` matrix (traced) or ``(N*K, width)`` (untraced)."""
-        _, inputs, preacts = model.forward_with_preactivations(x)
-        n = x.shape[0]
-        deltas: list[Tensor] = [None] * depth  # type: ignore[list-item]
-        delta = None  # (n, K, width), unscaled
-        for l in range(depth - 1, -1, -1):
-            dphi = deriv(preacts[l])
-            del preacts[l:]
-            if l == depth - 1:
-                if trace:
-                    deltas[l] = dphi * top_scale
-                    if depth > 1:  # lower layers need the full delta
-                        delta = layers[-1].weight[None, :, :] * dphi[:, None, :]
-                        delta.mul_(layers[-1].weight_scale)
-                else:
-                    delta = layers[-1].weight[None, :, :] * dphi[:, None, :]
-                    delta.mul_(layers[-1].weight_scale)
-                    deltas[l] = delta.view(n * K, width)
-            else:
-                nxt = layers[l + 1]
-                back = torch.mm(delta.view(n * K, width), nxt.weight).view(n, K, width)
-                back.mul_(dphi[:, None, :])
-                if nxt.weight_scale != 1.0:
-                    back.mul_(nxt.weight_scale)
-                delta = back
+    def features(x: Tensor) -> list[tuple]:
+        return net.entk_features(modules, x, K, trace)
+
+    def pair(f1: list[tuple], f2: list[tuple]) -> Tensor:
+        """``sum_l G_l * A_l`` over the layers with parameters, the readout's first (as it always was)."""
+        n1, n2 = f1[0][2].shape[0], f2[0][2].shape[0]
+        theta = None
+        for (layer, module, h1, d1), (_, _, h2, d2) in zip(f1[-1:] + f1[:-1], f2[-1:] + f2[:-1], strict=True):
+            A = layer.param_gram(module, h1, h2)
+            if d1 is None:  # the identity cotangent: G = I_K (traced: its mean, 1)
                 if not trace:
-                    deltas[l] = delta.view(n * K, width)
-                else:
-                    deltas[l] = delta.view(n, K * width) if K == 1 else delta.view(n, K * width) * delta_scale
-        return inputs, deltas
-
-    def pair(f1: tuple[list[Tensor], list[Tensor]], f2: tuple[list[Tensor], list[Tensor]]) -> Tensor:
-        (h1, d1), (h2, d2) = f1, f2
-        n1, n2 = h1[0].shape[0], h2[0].shape[0]
-        # readout: G = I_K (traced: mean 1), so it contributes A_L alone
-        theta = _input_gram(h1[depth], h2[depth], cw2[depth], cb2[depth])
-        if not trace:
-            eye = torch.eye(K, dtype=theta.dtype, device=theta.device)
-            theta = (theta[:, None, :, None] * eye[None, :, None, :])  # (n1, K, n2, K)
-        for l in range(depth):
-            A = _input_gram(h1[l], h2[l], cw2[l], cb2[l])
-            G = torch.mm(d1[l], d2[l].T)
-            if trace:
-                theta.addcmul_(G, A)
-            else:
-                theta.addcmul_(G.view(n1, K, n2, K), A[:, None, :, None])
+                    eye = torch.eye(K, dtype=A.dtype, device=A.device)
+                    A = A[:, None, :, None] * eye[None, :, None, :]  # (n1, K, n2, K)
+                theta = A if theta is None else theta.add_(A)
+                continue
+            G = torch.mm(d1, d2.T)
+            if not trace:
+                G, A = G.view(n1, K, n2, K), A[:, None, :, None]
+            theta = G.mul_(A) if theta is None else theta.addcmul_(G, A)
             del A, G
         return theta if trace else theta.permute(0, 2, 1, 3)
 
@@ -358,15 +320,6 @@ def _structured(
     if not trace:
         out = out.contiguous()
     return _symmetrise(out) if symmetric else out
-
-
-def _input_gram(h1: Tensor, h2: Tensor, cw2: float, cb2: float) -> Tensor:
-    """``cw^2 h1 @ h2.T + cb^2``."""
-    if cb2 == 0.0:
-        out = torch.mm(h1, h2.T)
-        return out.mul_(cw2) if cw2 != 1.0 else out
-    bias = torch.full((), cb2, dtype=h1.dtype, device=h1.device)
-    return torch.addmm(bias, h1, h2.T, alpha=cw2)
 
 
 # ----------------------------------------------------------------------------------------------
