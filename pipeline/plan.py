@@ -60,6 +60,7 @@ NUM_CLASSES = 10
 # the low end (more bytes, not fewer).
 GRAM_COMPRESSION = {"blosc-lz4": 1.14, "zstd": 1.12, "none": 1.0}
 GRAM_CODEC = "blosc-lz4"
+NNGP_TEST_BLOCK = 2048  # kernels.gram's default tile edge, with which the NNGP test block is written
 
 
 def io_dims(config: RunConfig) -> tuple[int, int]:
@@ -414,7 +415,8 @@ def estimate_analytic(config: RunConfig, in_dim: int, out_dim: int) -> int:
     (:func:`pipeline.limits.analytic_blocks`): :data:`ANALYTIC_BASELINE_BYTES`, the float64 inputs, tile
     temporaries (a dozen ``1024^2`` float64), the NTK blocks it returns (``8 (n^2 + n m + m^2)``, then the
     ``n m`` solver) and at its largest either a Cholesky factorisation (the regularised copy and LAPACK's
-    Fortran-ordered copy, ``16 n^2``) with its solve, or the copy of the result into the object store."""
+    Fortran-ordered copy, ``16 n^2``) with its solve, the copy of the result into the object store, or the
+    write of the NNGP test block (a dozen float64 tiles of ``min(m, 2048)^2`` beside the blocks)."""
     n, m = config.n_train, config.n_test
     big_n = n + m
     inputs = 8.0 * big_n * in_dim + big_n * (in_dim + 2 * out_dim) * 4.0
@@ -425,8 +427,16 @@ def estimate_analytic(config: RunConfig, in_dim: int, out_dim: int) -> int:
     outputs = blocks + 8.0 * n * m  # with ntk_solver
     nngp = outputs + factor + 8.0 * n * m
     ship = 2 * outputs  # the result copied into the object store
+    tile = min(m, NNGP_TEST_BLOCK)
+    write = outputs + 12 * 8.0 * tile * tile  # then the NNGP test block is written, tile by tile (float64)
     tiles = 12 * 8.0 * 1024 * 1024
-    return int(ANALYTIC_BASELINE_BYTES + inputs + tiles + max(solve, spectrum, nngp, ship))
+    return int(ANALYTIC_BASELINE_BYTES + inputs + tiles + max(solve, spectrum, nngp, ship, write))
+
+
+def nngp_test_bytes(config: RunConfig, codec: str = GRAM_CODEC) -> int:
+    """Bytes on disk of the analytic NNGP on a run's test points (float64 ``(m, m)``, compressed), stored once
+    per (subset, architecture) by the task that computes the limits (``GramWriter.write_nngp_test``)."""
+    return int(8.0 * config.n_test**2 / GRAM_COMPRESSION.get(codec, 1.0))
 
 
 GP_POINTS = 256  # pipeline.gp_sample.GP_POINTS (test points behind the bias), without importing torch
@@ -878,7 +888,8 @@ class Plan:
             "flops": sum(t.estimate.flops for t in self.tasks) + sum(a.flops for a in self.analytic),
             "task_hours": train_s / 3600, "gpu_hours": train_s * res.num_gpus / 3600,
             "cpu_hours": (train_s + analytic_s) * res.num_cpus / 3600,
-            "gram_bytes": sum(t.estimate.gram_bytes for t in self.tasks),
+            "gram_bytes": sum(t.estimate.gram_bytes for t in self.tasks)
+            + sum(nngp_test_bytes(a.config) for a in self.analytic),
             "max_peak_memory_bytes": max((t.estimate.host_peak_bytes for t in self.tasks), default=0),
             "max_device_peak_memory_bytes": max((t.estimate.device_peak_bytes for t in self.tasks), default=0),
             "max_analytic_peak_memory_bytes": max((a.peak_bytes for a in self.analytic), default=0),

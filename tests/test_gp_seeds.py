@@ -71,3 +71,25 @@ def test_gp_seeds_out_of_range_is_one_line_and_writes_nothing(tmp_path, capsys, 
     assert main(["run", str(_write(tmp_path, {**JOB, "gp_seeds": value})), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "gp_seeds" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_the_stored_nngp_test_block_is_the_float64_analytic_nngp(small_results):
+    """gp_init compares outputs at init with the NNGP the limits task stored once per subset (it reloads no
+    data): that array is the float64 analytic NNGP of the run's test points."""
+    import numpy as np
+
+    from kernels.analytic import mlp_kernels
+    from pipeline.data import load_subset
+    from pipeline.run_config import RunConfig
+    from pipeline.store import RUNS, ResultsStore, nngp_test_path
+
+    store = ResultsStore(small_results)
+    rows = store.table(RUNS).to_pylist()
+    configs = {nngp_test_path(RunConfig.from_row(r)): RunConfig.from_row(r) for r in rows}
+    assert len(configs) == 1  # one subset and architecture: stored once, shared by every width and seed
+    (path, config), = configs.items()
+    stored = store.read_array(path)
+    x_test = load_subset(config).x_test.astype(np.float64)
+    expected = mlp_kernels(x_test, **config.kernel_args(), get=("nngp",))["nngp"]
+    assert stored.dtype == np.float64 and stored.shape == (config.n_test, config.n_test)
+    np.testing.assert_allclose(stored, expected, rtol=1e-12, atol=1e-14)
