@@ -50,6 +50,7 @@ def one_cpu_head(monkeypatch):
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_nodes_that_join_mid_sweep_receive_work(tmp_path, one_cpu_head):
     from pipeline.runner import run_sweep
 

@@ -381,6 +381,7 @@ def test_a_trickling_server_fails_in_bounded_time_with_one_line(tmp_path, trickl
     assert not root.exists()
 
 
+@pytest.mark.slow
 def test_part_files_of_a_killed_fetch_are_removed_by_the_next(tmp_path, trickle, serve_files):
     root = tmp_path / "data"
     folder = root / "mnist"

@@ -85,6 +85,7 @@ def warnings(err: str) -> list[str]:
 # Unreadable parts
 
 
+@pytest.mark.slow
 def test_an_unreadable_part_is_named_in_one_line_and_the_other_parts_and_tables_are_served(sweep, tmp_path, capsys):
     out = copy_results(sweep, tmp_path)
     bad_curves, bad_runs = part(out, CURVES, RUN_IDS[0]), part(out, RUNS, RUN_IDS[1])
@@ -109,6 +110,7 @@ def test_an_unreadable_part_is_named_in_one_line_and_the_other_parts_and_tables_
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_rerun_quarantines_unreadable_parts_with_their_pack_and_redoes_its_runs(sweep, tmp_path, capsys):
     job, _ = sweep
     out = copy_results(sweep, tmp_path)
@@ -138,6 +140,7 @@ def test_a_rerun_quarantines_unreadable_parts_with_their_pack_and_redoes_its_run
     assert (q / RUNS / "dataset=digits" / f"part-{pid0}.1.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_reads_deduplicate_by_run_id(sweep, tmp_path):
     out = copy_results(sweep, tmp_path)
     row = pq.read_table(part(out, RUNS, RUN_IDS[0]))
@@ -162,6 +165,7 @@ def test_reads_deduplicate_by_run_id(sweep, tmp_path):
 # Read-only places
 
 
+@pytest.mark.slow
 def test_a_rerun_with_everything_done_writes_nothing(sweep, tmp_path):
     job, _ = sweep
     out = copy_results(sweep, tmp_path)
@@ -221,6 +225,7 @@ def _cli_read_only(results: Path, *commands: list[str]) -> list[tuple[int, str, 
     return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
+@pytest.mark.slow
 def test_read_only_results(sweep, tmp_path):
     job, _ = sweep
     out = copy_results(sweep, tmp_path)
@@ -242,6 +247,7 @@ def test_read_only_results(sweep, tmp_path):
 # The SQL sandbox
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sql", [
     "SELECT * FROM read_csv('/etc/passwd')",
     "SELECT * FROM read_parquet('{out}/runs/*/*.parquet')",
@@ -296,6 +302,7 @@ def _hold_claims(out: Path, run_ids: list[str], orphan: str | None = None) -> su
     return proc
 
 
+@pytest.mark.slow
 def test_claims_taken_at_the_same_moment_are_disjoint(tmp_path):
     ids = [f"{i:04d}" for i in range(300)]
     procs = [_hold_claims(tmp_path, ids) for _ in range(2)]
@@ -309,6 +316,7 @@ def test_claims_taken_at_the_same_moment_are_disjoint(tmp_path):
     assert not (got[0] & got[1]) and (got[0] | got[1]) == set(ids), (len(got[0]), len(got[1]))
 
 
+@pytest.mark.slow
 def test_runs_claimed_by_a_live_sweep_are_left_to_it_until_it_dies(sweep, tmp_path, capsys):
     job, _ = sweep
     out = tmp_path / "results"
@@ -338,6 +346,7 @@ def test_runs_claimed_by_a_live_sweep_are_left_to_it_until_it_dies(sweep, tmp_pa
 # --retry-failed
 
 
+@pytest.mark.slow
 def test_retry_failed_reruns_failed_runs_and_replaces_their_rows(sweep, tmp_path, capsys):
     job, _ = sweep
     out = copy_results(sweep, tmp_path)

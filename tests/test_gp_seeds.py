@@ -28,6 +28,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_gp_seeds_resolves_the_depth_two_bias_and_resumes_without_writing(tmp_path):
     import ray
 

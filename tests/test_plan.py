@@ -223,6 +223,7 @@ def test_real_study_fits_the_cluster_and_the_cluster_can_grow_to_it():
 # --------------------------------------------------------------------------------------------- the measurement
 
 
+@pytest.mark.slow
 def test_memory_estimate_never_far_below_the_measured_peak(tmp_path):
     """Real local sweeps (MNIST when the files are here, else the built-in digits; widths 64 and 512, depths 1
     and 3, one seed per task, store: init): every training task's estimated peak is 0.8-1.6x its

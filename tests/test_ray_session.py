@@ -72,6 +72,7 @@ def test_node_types_of_the_repos_cluster_yaml():
     assert types["gpu_worker"].max_workers == declared["max_workers"]
 
 
+@pytest.mark.slow
 class TestLocalRay:
     """One local Ray (1 CPU, no GPU) started by init_ray, shared by these tests."""
 
@@ -217,6 +218,7 @@ HEAD_CPUS = 1
 WORKER_TYPE = {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}
 
 
+@pytest.mark.slow
 class TestAutoscalingCluster:
     """A head with 1 CPU and an autoscaler (fake multi-node provider) that can start one node of type
     gpu_worker {CPU: 2, GPU: 1}: the tests run in order, the last one makes it start that node."""

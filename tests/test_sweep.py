@@ -100,6 +100,7 @@ def _ntk_sweep(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
 
+@pytest.mark.slow
 def test_sweep_killed_with_sigkill_resumes_without_losing_or_duplicating_rows(tmp_path):
     job = write_job(tmp_path, TINY)
     out = tmp_path / "results"
@@ -146,6 +147,7 @@ def test_sweep_killed_with_sigkill_resumes_without_losing_or_duplicating_rows(tm
     assert status.returncode == 0 and "tiny: 12 runs: ok 12" in status.stdout
 
 
+@pytest.mark.slow
 def test_two_sweeps_share_a_results_directory(tmp_path):
     from pipeline.runner import run_sweep
 
@@ -217,6 +219,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_submit_runs_the_sweep_as_a_ray_job_and_status_follows_it(tmp_path, ray_head):
     work = tmp_path / "work"
     (work / "jobs").mkdir(parents=True)
@@ -251,6 +254,7 @@ def test_submit_to_nowhere_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: http://127.0.0.1:9: cannot reach the Ray Jobs API") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_submit_refuses_grams_into_a_results_directory_the_workers_cannot_see(tmp_path, capsys):
     """The workers write the Grams: a results directory on the head's own disk would scatter them over the
     nodes' local disks. Refused before any connection (the address is unreachable on purpose)."""
@@ -264,6 +268,7 @@ def test_submit_refuses_grams_into_a_results_directory_the_workers_cannot_see(tm
     assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_sweep_asking_for_a_gpu_this_machine_lacks_fails_at_once(tmp_path, capsys):
     """Ray would queue the tasks forever at 0%; the runner says why in one line, exit 2, nothing written."""
     pytest.importorskip("torch")
