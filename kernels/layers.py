@@ -238,7 +238,8 @@ class Dense:
             if self.parameterization == "standard":
                 if s.width is None:
                     raise ValueError("the standard-parameterisation NTK depends on the width: pass width=")
-                fresh = s.k12 * (s.width / s.div) + 1.0
+                fan_in = s.width / s.div  # 1 at the inputs, where k12 is x.x' itself
+                fresh = (s.k12 + 1.0) if fan_in == 1 else (s.k12 * fan_in + 1.0)
             else:
                 fresh = k12 if s.ntk is not None else k12.clone()
             ntk = fresh if s.ntk is None else fresh + w2 * s.ntk
