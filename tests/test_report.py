@@ -19,10 +19,11 @@ import pipeline.query
 from pipeline import query
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.measures import log_steps
 from pipeline.report import build_report, run_config_from_row
+from pipeline.results import SCALAR_METRICS, RunResult
 from pipeline.run_config import RunConfig
 from pipeline.store import ResultsStore
-from pipeline.train import SCALAR_METRICS, RunResult, log_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

@@ -18,11 +18,12 @@ import torch
 from kernels.analytic import mlp_kernels
 from kernels.mlp import MLP
 from pipeline import aggregate, query
+from pipeline.data import load_subset
 from pipeline.gp_init import gp_sqrt, seed_counts
 from pipeline.report import build_report, parameter_count, threshold_width
+from pipeline.results import SCALAR_METRICS, RunResult
 from pipeline.run_config import RunConfig
-from pipeline.store import ResultsStore, pack_id, write_parquet_atomic
-from pipeline.train import SCALAR_METRICS, RunResult, load_subset
+from pipeline.store import GramWriter, ResultsStore, pack_id, write_parquet_atomic
 
 # One hidden layer on digits (d = 64, K = 10), n_train = 40: threshold P = 400 at width 10*39/75 = 5.2,
 # straddled by the widths; label noise too. 2 seeds: GP-at-init rows need two.
@@ -49,18 +50,21 @@ def assert_real_image(path: Path) -> None:
 @pytest.fixture(scope="module")
 def sweep_results(tmp_path_factory) -> Path:
     """The runs of TINY, trained and stored pack by pack as the runner does (without starting Ray)."""
-    from pipeline.runner import make_packs
+    from pipeline.limits import analytic_blocks
+    from pipeline.run import train_runs
+    from pipeline.run_config import make_packs
     from pipeline.spec import parse_sweep
-    from pipeline.train import analytic_blocks, train_runs
 
     out = tmp_path_factory.mktemp("phenomena") / "results"
     store = ResultsStore(out)
+    grams = GramWriter(out, "none")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a runner task with num_cpus 1: tiny matrices, no thread hand-offs
     try:
         for pack in make_packs(parse_sweep(TINY).expand(), pack_seeds=True):
             subset = load_subset(pack[0])
             results = train_runs(pack, subset=subset, analytic=analytic_blocks(pack[0], subset))
+            grams.write_nngp_test(pack[0], subset.x_test)  # as the runner's limits task does
             assert [r.status for r in results] == ["ok"] * len(pack), [r.error for r in results]
             store.write_pack(results)
     finally:
@@ -125,6 +129,7 @@ def write_gp_runs(out: Path, widths_scales: dict[int, float], seeds: int = 40) -
     Returns the NNGP."""
     subset = load_subset(_config(64, 0))
     nngp = mlp_kernels(subset.x_test.astype(np.float64), depth=1, get=("nngp",))["nngp"]
+    GramWriter(out, "none").write_nngp_test(_config(64, 0), subset.x_test)  # what gp_init compares with
     root = gp_sqrt(nngp)
     rng = np.random.default_rng(0)
     store = ResultsStore(out)

@@ -14,7 +14,7 @@ SOURCES = {
     # results tables: the aggregates and the runs as arrays
     "tables": "pipeline.aggregate",
     "read_table": "pipeline.aggregate",
-    "split_runs": "pipeline.aggregate",
+    "split_runs": "pipeline.groups",
     "BY_WIDTH": "pipeline.aggregate",
     "SCALING": "pipeline.aggregate",
     "GP_INIT": "pipeline.aggregate",
@@ -27,7 +27,7 @@ SOURCES = {
     "RunConfig": "pipeline.run_config",
     "GRAMS": "pipeline.store",
     "ResultsStore": "pipeline.store",
-    "analytic_kernels": "pipeline.train",
+    "analytic_kernels": "pipeline.limits",
     "UserError": "pipeline.errors",
 }
 
