@@ -171,14 +171,16 @@ def child_run(args: argparse.Namespace) -> None:
 
     from kernels.analytic import mlp_kernels
     from kernels.gram import AnalyticKernel, gram_to_zarr
+    from kernels.tiles import choose_block
 
     n = args.child_run
     x = np.load(args.x, mmap_mode="r")[:n]
-    kernel = AnalyticKernel(depth=DEPTH, impl=args.impl).resolved(n * (n + args.block) // 2)
     import torch
 
     cores = len(os.sched_getaffinity(0))
     workers = args.workers or cores
+    block = args.block or choose_block(n, workers=workers)
+    kernel = AnalyticKernel(depth=DEPTH, activation=args.activation, impl=args.impl).resolved(n * (n + block) // 2)
     torch_threads = args.torch_threads or max(1, cores // workers)
     previous = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
@@ -192,7 +194,7 @@ def child_run(args: argparse.Namespace) -> None:
     sampler.start()
     load0 = os.getloadavg()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    result = gram_to_zarr(kernel, x, store=args.store, path="ntk", block=args.block, progress=args.progress,
+    result = gram_to_zarr(kernel, x, store=args.store, path="ntk", block=block, progress=args.progress,
                           workers=workers, torch_threads=torch_threads, attrs={"dataset": "mnist", "n": n})
     stop.set()
     sampler.join()
@@ -206,15 +208,17 @@ def child_run(args: argparse.Namespace) -> None:
     arr = zarr.open_array(args.store, path="ntk", mode="r")
     rng = np.random.default_rng(0)
     errs = []
+    w = 256 if kernel.fusable else 48  # the float64 reference by quadrature is ~1 ms per entry
     for _ in range(3):
-        i, j = (int(v) for v in rng.integers(0, max(1, n - 256), size=2))
-        got = arr[i : i + 256, j : j + 256]
-        ref = mlp_kernels(np.asarray(x[i : i + 256], np.float64), np.asarray(x[j : j + 256], np.float64),
-                          depth=DEPTH, get=("ntk",))["ntk"]
+        i, j = (int(v) for v in rng.integers(0, max(1, n - w), size=2))
+        got = arr[i : i + w, j : j + w]
+        ref = mlp_kernels(np.asarray(x[i : i + w], np.float64), np.asarray(x[j : j + w], np.float64),
+                          depth=DEPTH, activation=args.activation, get=("ntk",))["ntk"]
         errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
     s = result.stats
     out = {
-        "n": n, "block": args.block, "impl": kernel.impl, "workers": workers, "torch_threads": torch_threads,
+        "n": n, "block": block, "impl": kernel.impl, "activation": args.activation, "workers": workers,
+        "torch_threads": torch_threads,
         "seconds": result.seconds, "compile_s": compile_s, "tiles": result.tiles_computed,
         "entries_written": result.entries_written, "entries_computed": result.entries_computed,
         "written_per_s": result.entries_per_s, "computed_per_s": result.entries_computed / result.seconds,
@@ -236,11 +240,13 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def run_child(x_path: Path, n: int, store: Path, block: int, workers: int | None, torch_threads: int | None,
-              impl: str, progress: bool) -> dict:
+def run_child(x_path: Path, n: int, store: Path, block: int | None, workers: int | None,
+              torch_threads: int | None, impl: str, progress: bool, activation: str = "relu") -> dict:
     shutil.rmtree(store, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child-run", str(n), "--x", str(x_path), "--store", str(store),
-           "--block", str(block), "--impl", impl]
+           "--impl", impl, "--activation", activation]
+    if block:
+        cmd += ["--block", str(block)]
     if workers:
         cmd += ["--workers", str(workers)]
     if torch_threads:
@@ -300,27 +306,27 @@ import json, sys, time
 import numpy as np
 import jax, neural_tangents as nt
 from neural_tangents import stax
-n, depth = int(sys.argv[2]), int(sys.argv[3])
+n, depth, act = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 x = np.load(sys.argv[1], mmap_mode="r")[:n].astype(np.float32)
 layers = []
 for _ in range(depth):
-    layers += [stax.Dense(512, W_std=2**0.5, b_std=0.0), stax.Relu()]
+    layers += [stax.Dense(512, W_std=2**0.5, b_std=0.0), {"relu": stax.Relu, "erf": stax.Erf, "gelu": stax.Gelu}[act]()]
 _, _, kernel_fn = stax.serial(*layers, stax.Dense(1, W_std=2**0.5, b_std=0.0))
 batched = nt.batch(kernel_fn, 500)
 small = batched(x[:1000], None, "ntk"); np.asarray(small)  # compile
 t = time.perf_counter()
 k = np.asarray(batched(x, None, "ntk"))
 dt = time.perf_counter() - t
-print("RESULT " + json.dumps({"n": n, "seconds": dt, "entries_per_s": n * n / dt, "jax": jax.__version__,
-                             "neural_tangents": nt.__version__, "shape": list(k.shape)}))
+print("RESULT " + json.dumps({"n": n, "activation": act, "seconds": dt, "entries_per_s": n * n / dt,
+                             "jax": jax.__version__, "neural_tangents": nt.__version__, "shape": list(k.shape)}))
 """
 
 
-def neural_tangents(python: str, x_path: Path, n: int) -> dict:
+def neural_tangents(python: str, x_path: Path, n: int, activation: str = "relu") -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
         fh.write(_NT_SCRIPT)
     try:
-        cmd = [python, fh.name, str(x_path), str(n), str(DEPTH)]
+        cmd = [python, fh.name, str(x_path), str(n), str(DEPTH), activation]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         os.unlink(fh.name)
@@ -328,6 +334,158 @@ def neural_tangents(python: str, x_path: Path, n: int) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     return {"error": (proc.stderr or proc.stdout)[-1500:], "seconds": float("inf")}
+
+
+# --------------------------------------------------------------------------------------------- floor
+
+
+def floor_rates(x_path: Path, reps: int = 5) -> dict:
+    """This machine's rates for the Gram's two unavoidable parts, measured now: the tile-shaped float32
+    input-Gram matmul on all cores (one 2048 x 784 x 2048 product per core in parallel, as the workers run
+    it) and blosc-lz4 + shuffle encoding (the Gram's codec) of a real NTK tile on one thread."""
+    import numpy as np
+    import torch
+    from numcodecs import Blosc, blosc
+
+    cores = len(os.sched_getaffinity(0))
+    a, b = torch.randn(2048, 784), torch.randn(2048, 784)
+
+    def one() -> None:
+        torch.set_num_threads(1)
+        for _ in range(reps):
+            a @ b.T
+
+    one()
+    threads = [threading.Thread(target=one) for _ in range(cores)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t
+    matmul = cores * reps * 2 * 2048 * 784 * 2048 / dt
+    from kernels.gram import AnalyticKernel
+
+    x = np.load(x_path, mmap_mode="r")
+    tile = AnalyticKernel(depth=DEPTH, impl="fused").tile(np.array(x[:2048]), np.array(x[2048:4096])).numpy()
+    blosc.set_nthreads(1)
+    codec = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, typesize=4)
+    codec.encode(tile)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        enc = codec.encode(tile)
+        times.append(time.perf_counter() - t)
+    compress = tile.nbytes / float(np.median(times))
+    return {"matmul_flops_all_cores": matmul, "compress_bytes_per_s_one_core": compress, "cores": cores,
+            "compression_ratio": tile.nbytes / len(enc)}
+
+
+def gram_floor(n: int, block: int, rates: dict, d: int = 784) -> dict:
+    """The floor of an n x n symmetric Gram: its computed tiles' matmul flops at the all-core rate plus the
+    whole array's bytes encoded on all cores."""
+    from kernels.tiles import tile_bounds, tile_grid, tile_pairs
+
+    nt = tile_grid(n, n, block)[0]
+    entries = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in
+                  (tile_bounds(i, j, block, n, n) for i, j in tile_pairs(nt, nt, symmetric=True)))
+    flop = 2.0 * d * entries
+    matmul_s = flop / rates["matmul_flops_all_cores"]
+    compress_s = 4.0 * n * n / (rates["compress_bytes_per_s_one_core"] * rates["cores"])
+    return {"n": n, "block": block, "flop": flop, "matmul_s": matmul_s, "compress_s": compress_s,
+            "floor_s": matmul_s + compress_s}
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+
+def compare(args: argparse.Namespace, x_path: Path, work: Path) -> list[dict]:
+    """ntk-sweep against neural-tangents, interleaved in this one run: for each activation and N,
+    ``--repeat`` pairs of (our Gram written to Zarr, nt.batch in memory); medians and their ratio."""
+    import statistics
+
+    from kernels.fused import fusable
+
+    rows = []
+    for act in args.activation:
+        impl = args.impl if args.impl != "auto" else ("compiled" if fusable(act) else "table")
+        for n in args.sizes:
+            ours, theirs = [], []
+            for _ in range(max(1, args.repeat)):
+                wait_idle(args.wait_idle)
+                ours.append(run_child(x_path, n, work / f"cmp{n}.zarr", args.block, args.workers,
+                                      args.torch_threads, impl, False, act))
+                if args.nt_python:
+                    wait_idle(args.wait_idle)
+                    theirs.append(neural_tangents(args.nt_python, x_path, n, act))
+            row = {"activation": act, "n": n, "impl": impl, "block": ours[0]["block"],
+                   "ours_s": [r["seconds"] for r in ours], "compile_s": [r["compile_s"] for r in ours],
+                   "err": max(r["window_err_max_over_max"] for r in ours),
+                   "cpu_utilisation": [r["cpu_utilisation"] for r in ours],
+                   "loadavg": [r["loadavg_before"] for r in ours],
+                   "nt_s": [r["seconds"] for r in theirs]}
+            row["ours_median_s"] = statistics.median(row["ours_s"])
+            if theirs:
+                row["nt_median_s"] = statistics.median(row["nt_s"])
+                row["ratio"] = row["nt_median_s"] / row["ours_median_s"]
+                row["nt_versions"] = {k: theirs[0].get(k) for k in ("jax", "neural_tangents")}
+            rows.append(row)
+            print("compare", json.dumps(row), flush=True)
+    return rows
+
+
+def _compare_table(rows: list[dict]) -> str:
+    out = ["| activation | N | impl (block) | ntk-sweep s, median (runs) | compile s | neural-tangents s, median "
+           "(runs) | ratio | max err / max | load avg |", "|" + "---|" * 9]
+    for r in rows:
+        runs = ", ".join(f"{v:.2f}" for v in r["ours_s"])
+        nt_runs = ", ".join(f"{v:.2f}" for v in r["nt_s"])
+        ratio = f"**{r['ratio']:.2f}x**" if "ratio" in r else "-"
+        nt = f"{r['nt_median_s']:.2f} ({nt_runs})" if "nt_median_s" in r else "-"
+        out.append(f"| {r['activation']} | {r['n']:,} | {r['impl']} ({r['block']}) | {r['ours_median_s']:.2f} "
+                   f"({runs}) | {max(r['compile_s']):.1f} | {nt} | {ratio} | {r['err']:.1e} | "
+                   f"{min(r['loadavg']):.1f}-{max(r['loadavg']):.1f} |")
+    return "\n".join(out)
+
+
+def table_bench(x_path: Path, n: int, activation: str, spread: float) -> dict:
+    """The interpolation-table path (``impl="table"``) for an activation without a closed form: a whole
+    n x n Gram to Zarr, its error on random windows against the float64 quadrature recursion, and the
+    quadrature recursion's own cost per entry (float64 ``mlp_kernels`` and float32 generic on a block).
+    ``spread > 1`` scales the rows by factors in [1/spread, spread], so the rows' variances differ and the
+    table interpolates in variance too (grid nodes); 1 keeps per-image standardised rows (exact nodes)."""
+    import numpy as np
+
+    from kernels.analytic import mlp_kernels
+    from kernels.gram import AnalyticKernel, gram_to_zarr, open_gram
+
+    x = np.array(np.load(x_path, mmap_mode="r")[:n])
+    if spread > 1:
+        rng = np.random.default_rng(0)
+        x *= np.exp(rng.uniform(-np.log(spread), np.log(spread), size=(n, 1))).astype(np.float32)
+    store = x_path.parent / "table.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    t = time.perf_counter()
+    res = gram_to_zarr(AnalyticKernel(depth=DEPTH, activation=activation, impl="table"), x, store=store,
+                       path="k", progress=False)
+    table_s = time.perf_counter() - t
+    g = open_gram(store, "k")
+    rng = np.random.default_rng(1)
+    errs, ref_s, ref_entries = [], 0.0, 0
+    for w in (40, 40, 40):
+        i, j = (int(v) for v in rng.integers(0, n - w, size=2))
+        t = time.perf_counter()
+        ref = mlp_kernels(x[i : i + w].astype(np.float64), x[j : j + w].astype(np.float64), depth=DEPTH,
+                          activation=activation, get=("ntk",))["ntk"]
+        ref_s += time.perf_counter() - t
+        ref_entries += w * w
+        errs.append(float(np.abs(np.asarray(g[i : i + w, j : j + w]) - ref).max() / np.abs(ref).max()))
+    shutil.rmtree(store, ignore_errors=True)
+    per_entry = ref_s / ref_entries
+    return {"activation": activation, "n": n, "spread": spread, "table_s": table_s, "block": res.block,
+            "written_per_s": res.entries_per_s, "err_max_over_max": max(errs),
+            "quadrature_s_per_entry": per_entry, "quadrature_extrapolated_s": per_entry * n * n / 2,
+            "speedup": per_entry * n * n / 2 / table_s}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -352,8 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[5000, 10000, 20000])
     p.add_argument("--full", action="store_true", help="also N = 70,000 (MNIST train+test)")
-    p.add_argument("--block", type=int, default=2048)
+    p.add_argument("--block", type=int, default=None, help="tile edge (default: kernels.tiles.choose_block)")
     p.add_argument("--impl", default="auto")
+    p.add_argument("--activation", nargs="*", default=["relu"],
+                   help="activations for --compare (relu, erf, gelu, ...) and the child runs")
+    p.add_argument("--compare", action="store_true",
+                   help="only the ratio table: ntk-sweep vs neural-tangents per activation and --sizes")
+    p.add_argument("--floor", type=int, default=None,
+                   help="also the full-MNIST Gram of this N (70000) with its floor measured in the same run")
+    p.add_argument("--table", default=None, metavar="ACT:N:SPREAD[,...]",
+                   help="interpolation-table benchmarks, e.g. tanh:2000:1,tanh:600:1.5")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--no-split", action="store_true", help="skip the threading-split comparison")
@@ -373,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_run is not None:
+        args.activation = args.activation[0] if isinstance(args.activation, list) else args.activation
         child_run(args)
         return 0
 
@@ -381,12 +548,39 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": machine(), "loadavg_start": os.getloadavg()}
     print(json.dumps(report["machine"]), flush=True)
     x_path = prepare_inputs(work, args.data_dir)
+    if args.compare or args.floor or args.table:
+        if args.compare:
+            report["compare"] = compare(args, x_path, work)
+            print(_compare_table(report["compare"]), flush=True)
+        if args.table:
+            report["table"] = []
+            for item in args.table.split(","):
+                act, n, spread = item.split(":")
+                r = table_bench(x_path, int(n), act, float(spread))
+                report["table"].append(r)
+                print("table", json.dumps(r), flush=True)
+        if args.floor:
+            rates = floor_rates(x_path)
+            run = run_child(x_path, args.floor, work / "floor.zarr", args.block, args.workers, args.torch_threads,
+                            "compiled", args.progress, "relu")
+            rates_after = floor_rates(x_path)
+            best = {k: max(rates[k], rates_after[k]) for k in rates}
+            floor = gram_floor(args.floor, run["block"], best)
+            report["floor"] = {"rates_before": rates, "rates_after": rates_after, "floor": floor, "run": run,
+                               "ratio": run["seconds"] / floor["floor_s"]}
+            print("floor", json.dumps(report["floor"]), flush=True)
+        report["loadavg_end"] = os.getloadavg()
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     if not args.no_micro:
         wait_idle(args.wait_idle)
         report["matmul"] = matmul_rates()
         print("matmul", json.dumps(report["matmul"]), flush=True)
         wait_idle(args.wait_idle)
-        report["tile"] = tile_impls(x_path, args.block)
+        report["tile"] = tile_impls(x_path, args.block or 2048)
         print("tile", json.dumps(report["tile"], indent=1), flush=True)
     if not args.no_split:
         report["split"] = [

@@ -9,7 +9,7 @@
 **Block functions.** ``kernel`` is any callable ``(x1_block, x2_block) -> (b1, b2)`` array (numpy or torch);
 the blocks are numpy arrays of rows read from the inputs (on a diagonal tile of a symmetric Gram both
 arguments are the *same object*, so a block function may test ``x2 is x1``). Ready-made ones:
-:class:`AnalyticKernel` (the NNGP/NTK of :mod:`kernels.analytic`, with a fused float32 ReLU path, see below)
+:class:`AnalyticKernel` (the NNGP/NTK of :mod:`kernels.analytic`, with fused float32 paths, see below)
 and :class:`ModelNTK` (the empirical NTK of a torch model, :func:`kernels.empirical.empirical_ntk`). A block
 function may have a ``spec()`` method returning a JSON-able description; it is stored in the array's
 attributes and must match when a run is resumed (plain functions are described by their qualified name).
@@ -70,21 +70,25 @@ gives the lazy array, and xarray (with Zarr v3 support) reads it as a variable w
 ``("row", "col")``: ``xarray.open_zarr("grams.zarr", consolidated=False)["ntk"]``; the tile record appears
 beside it as ``ntk_tiles``.
 
-**The fused ReLU path.** For ReLU in NTK parameterisation :class:`AnalyticKernel` does not go through the
-generic ``mlp_kernels_from_dots`` recursion (one atan2/sqrt dual per layer plus a dozen full-tile passes)
-but works with the cosine ``c = K12 / sqrt(K11 K22)`` and the normalised NTK ``t = Theta12 / sqrt(K11 K22)``:
+**Fused paths** (:mod:`kernels.fused`; this module only tiles and stores). For float32 Grams
+:class:`AnalyticKernel` does not go through the generic ``mlp_kernels_from_dots`` recursion (a dozen
+full-tile passes per layer) but computes everything after the input-Gram matmul as one elementwise
+expression per tile, ``torch.compile``'d into a single pass (``impl="compiled"``) or run eagerly
+(``"fused"``): ReLU in NTK parameterisation in its cosine form, every other closed-form activation (leaky
+ReLU/abrelu, abs, erf, GELU, identity) through its own ``Activation.dual``, activations without a closed
+form through an interpolation table (``"table"``, :mod:`kernels.dual_table`). Diagonal entries of diagonal
+tiles are pinned (ReLU: ``c = 1``; the others: the float64 diagonal). ReLU's error in float32 against the
+float64 :func:`kernels.analytic.mlp_kernels` (MNIST standardised with the train statistics, depth 3,
+2048-row tiles): at most 4e-7 of the largest entry and 1.4e-6 relative to each entry, diagonal included (up
+to 1.5e-6 of the largest entry and 3.4e-6 relative on standardised subsets whose test rows have extreme
+norms); the generic float32 recursion loses 5e-4 on the diagonal, where ``atan2(sqrt(k11 k22 - k12^2),
+k12)`` cancels. The other activations' errors are stated in :mod:`kernels.fused` and ``bench/RESULTS.md``.
 
-    c' = u_i u_j J(c) + b^2 p_i p_j,   t' = c' + u_i u_j (1 - acos(c)/pi) t,
-    J(c) = (sqrt(1 - c^2) + (pi - acos c) c) / pi,
-
-with per-row vectors ``u = sqrt(w^2/2) sqrt(K11/K11')`` and ``p = 1/sqrt(K11')`` (``u = 1``, ``p`` unused for
-``w^2 = 2, b = 0``), and finally ``Theta = t sqrt(K11 K22)``. After the input-Gram matmul everything is one
-elementwise loop per tile, which ``torch.compile`` (inductor, C++/OpenMP) fuses into a single pass; the eager
-version of the same formula is the fallback. Diagonal entries of diagonal tiles are pinned to ``c = 1``.
-Error in float32 against the float64 :func:`kernels.analytic.mlp_kernels` (MNIST, depth 3, 2048-row tiles):
-at most 4e-7 of the largest entry and 1.4e-6 relative to each entry, diagonal included (up to 1.5e-6 of
-the largest entry and 3.4e-6 relative on standardised subsets whose test rows have extreme norms); the generic
-float32 recursion loses 5e-4 on the diagonal, where ``atan2(sqrt(k11 k22 - k12^2), k12)`` cancels.
+**Tile size.** ``block=None`` (the default) takes a resumed Gram's own block, else
+:func:`kernels.tiles.choose_block`: :data:`DEFAULT_BLOCK` when that gives every worker enough tiles, a
+smaller multiple of 64 when it would leave a worker idle (N = 4,000 on 2 workers: 1,024, ten upper tiles,
+instead of three tiles of 2,048). The tiling itself (tile grid, upper-triangle enumeration, bounds) is
+:mod:`kernels.tiles`.
 """
 
 from __future__ import annotations
@@ -94,7 +98,6 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -105,6 +108,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels import fused
+from kernels.tiles import choose_block, tile_bounds, tile_grid, tile_pairs
+
 Tensor = torch.Tensor
 BlockFn = Callable[[Any, Any], Any]
 
@@ -114,11 +120,13 @@ FORMAT_VERSION = 1
 TILES_SUFFIX = "_tiles"
 DTYPES = ("float16", "float32", "float64")
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
-IMPLS = ("auto", "compiled", "fused", "generic")
+IMPLS = ("auto", "compiled", "fused", "generic", "table")
 # "auto" compiles the fused ReLU kernel when the Gram has at least this many entries to compute (below it
 # the one-off compile, ~5-15 s, costs more than it saves).
 AUTO_COMPILE_ENTRIES = 1 << 29
-_INV_PI = 1.0 / math.pi
+# ... and the other closed forms from this many: their eager recursion is ~4x slower than the compiled
+# one (erf: 310 against 70 ms per 2048^2 tile and depth 3), against ReLU's ~2x.
+AUTO_COMPILE_ENTRIES_DUAL = 1 << 27
 
 
 class GramError(ValueError):
@@ -126,161 +134,6 @@ class GramError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- fused ReLU
-
-
-def _layer_vectors(x: Tensor, depth: int, w2: float, b2: float, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Per-row vectors of the fused recursion, computed in float64 and cast to ``dtype``.
-
-    With ``q^l = K^l(x, x)`` (``q^1 = w2 |x|^2 / d + b2``, ``q^{l+1} = w2 q^l / 2 + b2``):
-    ``s0 = sqrt(w2/d) / sqrt(q^1)`` and ``o0 = sqrt(b2) / sqrt(q^1)`` (so that
-    ``c^1 = dot * s0_i s0_j + o0_i o0_j``); for layer ``l``: ``u[l] = sqrt(w2/2) sqrt(q^l / q^{l+1})`` and
-    ``p[l] = sqrt(b2) / sqrt(q^{l+1})``; ``r = sqrt(q^{depth+1})``. Zero norms give zero inverses.
-    """
-    xd = x.to(torch.float64)
-    d = x.shape[1]
-    q = w2 * (xd * xd).sum(dim=1) / d + b2
-    r = torch.sqrt(q)
-
-    def inv(v: Tensor) -> Tensor:
-        return torch.where(v > 0, 1.0 / torch.where(v > 0, v, 1.0), 0.0)
-
-    inv0 = inv(r)
-    us, ps = [], []
-    for _ in range(depth):
-        q_next = w2 * q / 2 + b2
-        r_next = torch.sqrt(q_next)
-        us.append(math.sqrt(w2 / 2) * r * inv(r_next))
-        ps.append(math.sqrt(b2) * inv(r_next))
-        q, r = q_next, r_next
-    n = x.shape[0]
-    u = torch.stack(us) if us else torch.ones(0, n, dtype=torch.float64)
-    p = torch.stack(ps) if ps else torch.zeros(0, n, dtype=torch.float64)
-    out = {"s0": math.sqrt(w2 / d) * inv0, "o0": math.sqrt(b2) * inv0, "u": u, "p": p, "r": r}
-    return {k: v.to(dtype) for k, v in out.items()}
-
-
-def _relu_core_compiled_body(
-    dot: Tensor, s1: Tensor, s2: Tensor, o1: Tensor, o2: Tensor, u1: Tensor, u2: Tensor, p1: Tensor,
-    p2: Tensor, r1: Tensor, r2: Tensor, diag: Tensor, *, depth: int, want_ntk: bool, unit: bool, bias: bool,
-) -> Tensor:
-    """The whole elementwise recursion as one expression (for torch.compile to fuse into one loop).
-
-    Shapes: ``dot (n1, n2)``; ``s1, o1, r1 (n1, 1)``; ``s2, o2, r2 (1, n2)``; ``u1, p1 (depth, n1, 1)``;
-    ``u2, p2 (depth, 1, n2)``; ``diag`` a 0-d bool tensor, True on a diagonal tile. Only the structure
-    (depth, kind, unit, bias) is baked in, so one compiled kernel serves every input dimension and std.
-    """
-    n1, n2 = dot.shape
-    rows, cols = torch.arange(n1, device=dot.device), torch.arange(n2, device=dot.device)
-    eye = (rows[:, None] == cols[None, :]) & diag
-    k = dot * s1 * s2 + o1 * o2 if bias else dot * s1 * s2
-    c = torch.where(eye, 1.0, torch.clamp(k, -1.0, 1.0))
-    t = c
-    for layer in range(depth):
-        tdot = 1.0 - torch.acos(c) * _INV_PI
-        j = torch.sqrt(torch.clamp(1.0 - c * c, min=0.0)) * _INV_PI + tdot * c
-        if unit:
-            c_next = j
-        else:
-            alpha = u1[layer] * u2[layer]
-            c_next = alpha * j + p1[layer] * p2[layer] if bias else alpha * j
-            tdot = alpha * tdot
-        c_next = torch.where(eye, 1.0, torch.clamp(c_next, -1.0, 1.0))
-        if want_ntk:
-            t = c_next + tdot * t
-        c = c_next
-    out = t if want_ntk else c
-    return out * r1 * r2
-
-
-def _relu_core_eager(
-    dot: Tensor, v1: dict[str, Tensor], v2: dict[str, Tensor], diag: bool, *, depth: int, want_ntk: bool,
-    unit: bool, bias: bool,
-) -> Tensor:
-    """The same recursion with in-place torch ops (few full-tile temporaries); consumes ``dot``."""
-    c = dot.mul_(v1["s0"][:, None]).mul_(v2["s0"][None, :])
-    if bias:
-        c.addr_(v1["o0"], v2["o0"])
-    c.clamp_(-1.0, 1.0)
-    if diag:
-        c.fill_diagonal_(1.0)
-    t = c.clone() if want_ntk else None
-    for layer in range(depth):
-        tdot = torch.acos(c).mul_(-_INV_PI).add_(1.0)
-        j = torch.mul(c, c).neg_().add_(1.0).clamp_(min=0.0).sqrt_().mul_(_INV_PI).addcmul_(tdot, c)
-        if not unit:
-            u1, u2 = v1["u"][layer][:, None], v2["u"][layer][None, :]
-            j.mul_(u1).mul_(u2)
-            if bias:
-                j.addr_(v1["p"][layer], v2["p"][layer])
-            tdot.mul_(u1).mul_(u2)
-        c = j.clamp_(-1.0, 1.0)
-        if diag:
-            c.fill_diagonal_(1.0)
-        if want_ntk:
-            t = t.mul_(tdot).add_(c)
-        del tdot
-    out = t if want_ntk else c
-    return out.mul_(v1["r"][:, None]).mul_(v2["r"][None, :])
-
-
-_COMPILED: dict[tuple, Callable] = {}
-_COMPILE_LOCK = threading.Lock()
-
-
-def _compiled_core(depth: int, want_ntk: bool, unit: bool, bias: bool, dtype: torch.dtype) -> Callable:
-    """The compiled fused kernel for this structure: compiled and warmed up once per process (and per
-    torch thread count, which the generated code bakes in), under a lock so that concurrent worker
-    threads never compile it twice; tile shapes are dynamic, the numbers (d, stds) are inputs."""
-    key = (depth, want_ntk, unit, bias, dtype, torch.get_num_threads())
-    with _COMPILE_LOCK:
-        fn = _COMPILED.get(key)
-        if fn is None:
-            body = functools.partial(
-                _relu_core_compiled_body, depth=depth, want_ntk=want_ntk, unit=unit, bias=bias
-            )
-            fn = torch.compile(body, dynamic=True, fullgraph=True)
-            w2, b2 = (2.0, 0.0) if unit else (1.5, 0.25 if bias else 0.0)
-            for n1, n2, diag in ((5, 7, False), (6, 6, True)):  # compile here, for both tile kinds
-                gen = torch.Generator().manual_seed(0)
-                x1 = torch.randn(n1, 4, generator=gen, dtype=dtype)
-                x2 = x1 if diag else torch.randn(n2, 4, generator=gen, dtype=dtype)
-                _relu_tile_impl(x1, x2, depth, w2, b2, want_ntk, fn)
-            _COMPILED[key] = fn
-    return fn
-
-
-def _relu_tile_impl(
-    a: Tensor, b: Tensor, depth: int, w2: float, b2: float, want_ntk: bool, compiled: Callable | bool | None,
-    stats: dict | None = None,
-) -> Tensor:
-    """One tile of the fused ReLU kernel: ``compiled`` None (eager), True (the compiled kernel for this
-    structure) or a compiled callable. ``b is a`` marks a diagonal tile."""
-    diag = b is a
-    t0 = time.perf_counter()
-    dot = a @ b.T
-    t1 = time.perf_counter()
-    v1 = _layer_vectors(a, depth, w2, b2, a.dtype)
-    v2 = v1 if diag else _layer_vectors(b, depth, w2, b2, a.dtype)
-    # w^2 = 2, b = 0 keeps every K11 fixed (u = 1, no bias term): decided from the parameters, not the data,
-    # so every tile of a Gram runs the same code (a zero row only has r = 0, which zeroes its entries anyway)
-    bias = b2 != 0.0
-    unit = not bias and abs(w2 - 2.0) < 1e-12
-    if compiled is None:
-        out = _relu_core_eager(dot, v1, v2, diag, depth=depth, want_ntk=want_ntk, unit=unit, bias=bias)
-    else:
-        if compiled is True:
-            compiled = _compiled_core(depth, want_ntk, unit, bias, a.dtype)
-        col, row = (slice(None), None), (None, slice(None))
-        out = compiled(
-            dot, v1["s0"][col], v2["s0"][row], v1["o0"][col], v2["o0"][row], v1["u"][:, :, None],
-            v2["u"][:, None, :], v1["p"][:, :, None], v2["p"][:, None, :], v1["r"][col], v2["r"][row],
-            torch.tensor(diag),
-        )
-    if stats is not None:
-        stats["matmul_s"] = stats.get("matmul_s", 0.0) + (t1 - t0)
-        stats["matmul_flop"] = stats.get("matmul_flop", 0.0) + 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
-        stats["elementwise_s"] = stats.get("elementwise_s", 0.0) + (time.perf_counter() - t1)
-    return out
 
 
 def relu_ntk_tile(
@@ -294,7 +147,7 @@ def relu_ntk_tile(
     """
     b = x1 if x2 is None else x2
     w2, b2 = float(w_std) ** 2, float(b_std) ** 2
-    return _relu_tile_impl(x1, b, depth, w2, b2, kind == "ntk", True if compiled else None)
+    return fused.relu_tile(x1, b, depth, w2, b2, kind == "ntk", bool(compiled))
 
 
 # ------------------------------------------------------------------------------------------- block functions
@@ -309,11 +162,19 @@ class AnalyticKernel:
     """Block function for the infinite-width NNGP/NTK of :mod:`kernels.analytic` (same arguments).
 
     ``kind``: ``"ntk"`` or ``"nngp"``. ``dtype``: compute dtype, ``"float32"`` (default) or ``"float64"``.
-    ``impl``: ``"generic"`` (``mlp_kernels_from_dots``, any activation), ``"fused"`` (the fused ReLU
-    formula in eager torch), ``"compiled"`` (the same, torch.compile'd), or ``"auto"``: compiled for ReLU in
-    NTK parameterisation when the Gram is large (:data:`AUTO_COMPILE_ENTRIES`), fused when it is small,
-    generic otherwise. :func:`gram_to_zarr` resolves ``"auto"`` before it starts (see :meth:`resolved`), and
-    the resolved choice is part of the Gram's identity: a resume uses the same code path.
+    ``impl`` (the code paths live in :mod:`kernels.fused`):
+
+    * ``"generic"``: ``mlp_kernels_from_dots``, any activation (the float64 reference recursion);
+    * ``"fused"``: the fused recursion of an activation with a closed-form dual, eager torch;
+    * ``"compiled"``: the same, torch.compile'd into one pass per tile;
+    * ``"table"``: the fused recursion with the dual read from an interpolation table
+      (:mod:`kernels.dual_table`), for activations without a closed form (eager);
+    * ``"auto"``: for float32, compiled when the Gram has at least :data:`AUTO_COMPILE_ENTRIES` entries
+      (:data:`AUTO_COMPILE_ENTRIES_DUAL` for closed forms other than ReLU, whose eager path is slower), fused
+      when it is smaller, table without a closed form (``Activation.closed_form``); generic for float64.
+
+    :func:`gram_to_zarr` resolves ``"auto"`` before it starts (see :meth:`resolved`; a resumed Gram keeps
+    the path it was started with), and the resolved choice is part of the Gram's identity.
     """
 
     kind: str = "ntk"
@@ -349,19 +210,25 @@ class AnalyticKernel:
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.impl in ("fused", "compiled") and not self.fusable:
-            raise ValueError(f"impl={self.impl!r} needs activation 'relu' and parameterization 'ntk'")
+            raise ValueError(f"impl={self.impl!r} needs an activation with a closed-form dual "
+                             f"(kernels.activations.CLOSED_FORM); {self.activation!r} has none: use 'table'")
 
     @property
     def fusable(self) -> bool:
-        return self.activation.strip().lower() == "relu" and self.parameterization == "ntk"
+        """The activation has a closed-form dual (``Activation.closed_form``): the fused paths apply."""
+        return fused.fusable(self.activation, self.parameterization)
 
     def resolved(self, entries: int) -> AnalyticKernel:
         """This kernel with ``impl="auto"`` replaced by the concrete path for a Gram of ``entries``."""
         if self.impl != "auto":
             return self
-        if not self.fusable:
+        if self.dtype == "float64":
             return replace(self, impl="generic")
-        return replace(self, impl="compiled" if entries >= AUTO_COMPILE_ENTRIES else "fused")
+        if not self.fusable:
+            return replace(self, impl="table")
+        relu = fused.is_relu(self.activation, self.parameterization)
+        threshold = AUTO_COMPILE_ENTRIES if relu else AUTO_COMPILE_ENTRIES_DUAL
+        return replace(self, impl="compiled" if entries >= threshold else "fused")
 
     def spec(self) -> dict:
         return {
@@ -370,6 +237,10 @@ class AnalyticKernel:
             "b_std": float(self.b_std), "parameterization": self.parameterization, "width": self.width,
             "compute_dtype": self.dtype, "impl": self.impl,
         }
+
+    def _fused_args(self) -> dict:
+        return dict(depth=self.depth, activation=self.activation, w_std=self.w_std, b_std=self.b_std,
+                    kind=self.kind, parameterization=self.parameterization, width=self.width)
 
     def tile(self, x1: Any, x2: Any, stats: dict | None = None) -> Tensor:
         """One tile; ``x2 is x1`` marks a diagonal tile. ``stats`` collects matmul/elementwise seconds."""
@@ -380,10 +251,11 @@ class AnalyticKernel:
             raise ValueError(f"analytic kernels need (N, d) inputs, got {tuple(a.shape)}, {tuple(b.shape)}")
         impl = self.resolved(a.shape[0] * b.shape[0]).impl
         if impl in ("fused", "compiled"):
-            return _relu_tile_impl(
-                a, b, self.depth, float(self.w_std) ** 2, float(self.b_std) ** 2, self.kind == "ntk",
-                True if impl == "compiled" else None, stats,
-            )
+            return fused.fused_tile(a, b, compiled=impl == "compiled", stats=stats, **self._fused_args())
+        if impl == "table":
+            from kernels.dual_table import get_table
+
+            return fused.fused_tile(a, b, stats=stats, dual=get_table(self.activation), **self._fused_args())
         from kernels.analytic import mlp_kernels_from_dots
 
         t0 = time.perf_counter()
@@ -407,10 +279,7 @@ class AnalyticKernel:
     def warm_up(self) -> None:
         """Compile the fused kernel now (in this thread) if this kernel uses it."""
         if self.impl == "compiled":
-            w2 = float(self.w_std) ** 2
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(3, 4, generator=gen, dtype=_torch_dtype(self.dtype))
-            _relu_tile_impl(x, x, self.depth, w2, float(self.b_std) ** 2, self.kind == "ntk", True)
+            fused.warm_up(dtype=_torch_dtype(self.dtype), **self._fused_args())
 
 
 @dataclass(frozen=True, eq=False)
@@ -594,6 +463,17 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
     return None if old == new else f"{prefix} (stored {old!r}, requested {new!r})"
 
 
+def _peek_gram(store: Any, path: str) -> dict | None:
+    """The attributes of a Gram already at ``store``/``path``, or None (nothing there, unreadable, or not a
+    Gram: :func:`gram_to_zarr` then reports it as before). Creates nothing."""
+    try:
+        zstore = _open_store(store, create=False)
+        arr = _open_existing(zstore, _check_path(path), _where(zstore, path))
+        return None if arr is None else _gram_attrs(arr, "")
+    except Exception:
+        return None
+
+
 def _read_done(markers: Any, shape: tuple[int, int]) -> np.ndarray:
     """The tile record as a bool array; a marker that cannot be read counts as not done."""
     try:
@@ -641,8 +521,7 @@ def _run_tile(job: _TileJob, x1: Any, x2: Any, i: int, j: int) -> dict:
         # reach Dask's worker threads, whose matmuls would each start a team of all cores (oversubscribed).
         torch.set_num_threads(job.torch_threads)
     t0 = time.perf_counter()
-    r0, r1 = i * job.block, min(job.n1, (i + 1) * job.block)
-    c0, c1 = j * job.block, min(job.n2, (j + 1) * job.block)
+    r0, r1, c0, c1 = tile_bounds(i, j, job.block, job.n1, job.n2)
     a = np.asarray(x1[r0:r1])
     b = a if job.symmetric and i == j else np.asarray((x1 if job.symmetric else x2)[c0:c1])
     stats: dict = {}
@@ -721,10 +600,6 @@ def _resolve_scheduler(scheduler: Any) -> tuple[str, Any]:
     raise GramError(f"scheduler must be 'threads', 'sync', 'ray' or a Dask get function, got {scheduler!r}")
 
 
-def _tile_grid(n1: int, n2: int, block: int) -> tuple[int, int]:
-    return -(-n1 // block), -(-n2 // block)
-
-
 def gram_to_zarr(
     kernel: BlockFn,
     x1: Any,
@@ -732,7 +607,7 @@ def gram_to_zarr(
     *,
     store: Any,
     path: str = "gram",
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: str = "float32",
     compressor: Any = "blosc-lz4",
     scheduler: Any = None,
@@ -751,7 +626,10 @@ def gram_to_zarr(
             :class:`ModelNTK`, or any callable).
         x1, x2: ``(N, ...)`` inputs (numpy, torch, zarr arrays or memmaps; the last two are read per tile).
         store: folder path (created), URL, or zarr ``Store``. ``path``: the array's name in it.
-        block: tile edge ``b`` (also the chunk edge). ``dtype``: stored dtype (float16/32/64).
+        block: tile edge ``b`` (also the chunk edge); default: a resumed Gram's own, else
+            :func:`kernels.tiles.choose_block` from ``N`` and the workers (at most :data:`DEFAULT_BLOCK`,
+            smaller only when the Gram has too few tiles to keep every worker busy).
+            ``dtype``: stored dtype (float16/32/64).
         compressor: ``"blosc-lz4"`` (default), ``"blosc-zstd"``, ``"zstd"``, ``"none"`` or a zarr codec.
         scheduler: ``None``/``"threads"``, ``"sync"``, ``"ray"`` or a Dask get function.
         attrs: JSON-able description of the data (dataset, split, subset key, preprocessing), stored as-is.
@@ -766,9 +644,8 @@ def gram_to_zarr(
     import dask
     import zarr
 
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+    if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1):
         raise GramError(f"block must be a positive integer, got {block!r}")
-    block = int(block)
     if dtype not in DTYPES:
         raise GramError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not callable(kernel):
@@ -781,11 +658,6 @@ def gram_to_zarr(
         raise GramError(f"x1 and x2 rows differ in shape: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}")
     n1 = int(x1.shape[0])
     n2 = n1 if symmetric else int(x2.shape[0])
-    nt1, nt2 = _tile_grid(n1, n2, block)
-    all_tiles = [(i, j) for i in range(nt1) for j in range(nt2) if not symmetric or i <= j]
-    if isinstance(kernel, AnalyticKernel):
-        total_entries = sum(min(block, n1 - i * block) * min(block, n2 - j * block) for i, j in all_tiles)
-        kernel = kernel.resolved(total_entries)
     try:
         data_attrs = _jsonable(dict(attrs or {}))
     except (TypeError, ValueError) as exc:
@@ -795,6 +667,31 @@ def gram_to_zarr(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise GramError(f"workers must be a positive integer, got {workers!r}")
     workers = workers or cores
+    # A resumed Gram keeps its own tile size and code path (they are part of its identity).
+    stored = None if overwrite else _peek_gram(store, path)
+    stored_gram = (stored or {}).get("gram") or {}
+    if block is None:
+        stored_block = stored_gram.get("block")
+        if isinstance(stored_block, int) and stored_gram.get("shape") == [n1, n2]:
+            block = stored_block
+        else:
+            block = choose_block(n1, None if symmetric else n2, 1 if mode == "sync" else workers,
+                                 max_block=DEFAULT_BLOCK)
+    block = int(block)
+    nt1, nt2 = tile_grid(n1, n2, block)
+    all_tiles = tile_pairs(nt1, nt2, symmetric=symmetric)
+    if isinstance(kernel, AnalyticKernel):
+        stored_impl = ((stored or {}).get("kernel") or {}).get("impl")
+        if kernel.impl == "auto" and stored_impl in IMPLS and stored_impl != "auto":
+            try:
+                candidate = replace(kernel, impl=stored_impl)
+            except ValueError:
+                candidate = None
+            if candidate is not None and kernel_spec(candidate) == stored.get("kernel"):
+                kernel = candidate
+        total_entries = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in
+                            (tile_bounds(i, j, block, n1, n2) for i, j in all_tiles))
+        kernel = kernel.resolved(total_entries)
     if torch_threads is None:
         torch_threads = 1 if mode == "ray" else max(1, cores // workers)
 

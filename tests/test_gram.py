@@ -75,7 +75,10 @@ def test_symmetric_blocked_equals_dense(tmp_path, impl, kind, w_std, b_std):
 
     arr = zarr.open_array(str(tmp_path / "g.zarr"), path="k", mode="r")
     meta = arr.attrs[ATTR_KEY]
-    assert meta["gram"] | {} == meta["gram"]
+    assert meta["gram"] == {  # the format: exactly these keys and values
+        "format": 1, "shape": [203, 203], "block": 64, "tiles": [4, 4], "dtype": "float32", "symmetric": True,
+        "compressor": "blosc-lz4", "complete": True, "tiles_path": "k_tiles",
+    }
     assert meta["gram"]["complete"] is True and meta["gram"]["symmetric"] is True
     assert meta["gram"]["shape"] == [203, 203] and meta["gram"]["dtype"] == "float32"
     assert meta["kernel"]["depth"] == 3 and meta["kernel"]["kind"] == kind and meta["kernel"]["impl"] == impl
@@ -89,7 +92,8 @@ def test_rectangular_blocked_equals_dense_any_activation(tmp_path):
     """x2 given: every tile computed, the generic path (erf), float64 storage."""
     x1, x2 = _inputs(150, seed=1), _inputs(70, seed=2)
     kernel = AnalyticKernel(kind="ntk", depth=2, activation="erf", b_std=0.2, dtype="float64")
-    assert kernel.resolved(10**9).impl == "generic"
+    assert kernel.resolved(10**9).impl == "generic"  # float64: the reference recursion
+    assert AnalyticKernel(activation="erf").resolved(10**9).impl == "compiled"  # float32: the fused one
     result = gram_to_zarr(kernel, x1, x2, store=tmp_path / "g.zarr", path="grams/erf", block=32,
                           dtype="float64", compressor="zstd", progress=False)
     assert result.tiles_computed == 5 * 3
@@ -97,6 +101,38 @@ def test_rectangular_blocked_equals_dense_any_activation(tmp_path):
     g = open_gram(tmp_path / "g.zarr", "grams/erf").compute()
     assert g.shape == (150, 70) and g.dtype == np.float64
     np.testing.assert_allclose(g, dense["ntk"], rtol=1e-12, atol=1e-12)
+
+
+def test_default_block_fits_the_workers_and_a_resume_keeps_it(tmp_path):
+    """block=None: N = 300 on 2 workers is tiled finer than one 300-row tile (kernels.tiles.choose_block); a
+    resume with another worker count keeps the stored block instead of refusing a 'different' Gram."""
+    from kernels.tiles import choose_block, tile_grid
+
+    def linear(a, b):
+        return a @ b.T
+
+    x = _inputs(300, d=5)
+    block = choose_block(300, workers=2)
+    assert block < 300 and block % 64 == 0
+    first = gram_to_zarr(linear, x, store=tmp_path / "g.zarr", path="lin", workers=2, progress=False,
+                         max_tiles=1)
+    assert first.block == block and first.tiles_total == sum(range(tile_grid(300, 300, block)[0] + 1))
+    again = gram_to_zarr(linear, x, store=tmp_path / "g.zarr", path="lin", workers=1, progress=False)
+    assert again.block == block and again.tiles_skipped == 1
+    np.testing.assert_allclose(open_gram(tmp_path / "g.zarr", "lin").compute(), x @ x.T, rtol=1e-5, atol=1e-5)
+    assert choose_block(70000, workers=2) == 2048 and choose_block(4000, workers=1) == 2048
+
+
+def test_auto_impl_resume_keeps_the_stored_path(tmp_path):
+    """A Gram started with impl='auto' resolved to one path is resumed on that path even when auto would
+    now pick another (here: forced by starting with 'generic' stored as the resolved choice)."""
+    x = _inputs(40)
+    gram_to_zarr(AnalyticKernel(depth=2, activation="erf", impl="generic"), x, store=tmp_path / "g.zarr",
+                 path="k", block=16, progress=False, max_tiles=2)
+    result = gram_to_zarr(AnalyticKernel(depth=2, activation="erf"), x, store=tmp_path / "g.zarr", path="k",
+                          block=16, progress=False)
+    assert result.tiles_skipped == 2
+    assert gram_status(tmp_path / "g.zarr", "k")["kernel"]["impl"] == "generic"
 
 
 def test_symmetric_tiling_computes_upper_tiles_and_mirrors(tmp_path):
