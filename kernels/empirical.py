@@ -55,6 +55,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from kernels.mlp import MLP
+from kernels.tiles import ranges as _ranges  # the project's one tiler (row panels, column chunks)
 
 Tensor = torch.Tensor
 ArrayLike = Any  # numpy array or torch tensor
@@ -143,10 +144,6 @@ def _as_input(
 
 # ----------------------------------------------------------------------------------------------
 # Blocked evaluation shared by all methods.
-
-
-def _ranges(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
 
 
 def _mirror(block: Tensor) -> Tensor:
