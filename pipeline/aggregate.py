@@ -99,11 +99,6 @@ CI_METHODS = (CI_METHOD, "bootstrap_within_width")
 # Reading
 
 
-def read_table(results: str | Path, kind: str) -> pa.Table | None:  # TODO(issue 17): report.deps still reads it
-    table = ResultsStore(results).table(kind)
-    return table if table.num_columns else None
-
-
 def fingerprint(results: str | Path) -> str:
     """Hash of the runs and ``gp_samples`` parts' names, sizes and mtimes, this module's table version and
     the config fields (which make the group columns)."""

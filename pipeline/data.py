@@ -805,3 +805,16 @@ def load_subset(config: RunConfig) -> Subset:
         seed=config.data_seed, classes=list(config.classes) if config.classes else None,
         preprocess=config.preprocess, label_noise=config.label_noise,
     )
+
+
+def load_recorded_subset(config: RunConfig, data_dir: str | None = None) -> Subset:
+    """The subset of a recorded run: from ``data_dir`` if given, else the run's own data directory,
+    falling back to the default root (a results directory may come from another machine)."""
+    if data_dir is not None:
+        return load_subset(config.model_copy(update={"data_dir": data_dir}))
+    try:
+        return load_subset(config)
+    except Exception:  # noqa: BLE001 - a data_dir recorded on another machine: try the default root
+        if config.data_dir is None:
+            raise
+        return load_subset(config.model_copy(update={"data_dir": None}))

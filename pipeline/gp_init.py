@@ -159,21 +159,6 @@ def seed_counts(total: int) -> list[int]:
     return counts + [total]
 
 
-def load_recorded_subset(config: RunConfig, data_dir: str | None = None):
-    """The subset of a recorded run: from ``data_dir`` if given, else the run's own data directory,
-    falling back to the default root (a results directory may come from another machine)."""
-    from pipeline.data import load_subset
-
-    if data_dir is not None:
-        return load_subset(config.model_copy(update={"data_dir": data_dir}))
-    try:
-        return load_subset(config)
-    except Exception:  # noqa: BLE001 - a data_dir recorded on another machine: try the default root
-        if config.data_dir is None:
-            raise
-        return load_subset(config.model_copy(update={"data_dir": None}))
-
-
 def empty_table(group_fields: list[pa.Field] | None = None) -> pa.Table:
     fields = [pa.field("group_id", pa.string()), *(group_fields or [])]
     fields += [pa.field(k, t) for k, t in MEASURE_FIELDS.items() if k not in {f.name for f in fields}]

@@ -89,17 +89,21 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_row(cls, row: dict) -> RunConfig:
-        """Rebuild the config of a results row. Rows record the learning rate actually used in ``lr``;
-        when the run was configured by ``lr_scale``, that is derived, so it is dropped here."""
-        fields = {k: row[k] for k in cls.model_fields if k in row}
-        fields["classes"] = tuple(fields["classes"]) if fields.get("classes") else None
-        for key in ("lr", "lr_scale", "batch_size"):  # Parquet/pandas may give NaN for a missing value
-            value = fields.get(key)
+        """The config of a results row (or of any mapping of config fields; missing ones take their
+        defaults). A row records the learning rate actually used in ``lr``, which is the configured one only
+        for a run configured by an absolute ``lr``: of the two candidates, the one whose ``run_id`` is the
+        row's is taken (without a ``run_id``, the one configured by ``lr_scale``)."""
+        fields = {k: row[k] for k in cls.model_fields if k in row and row[k] is not None}
+        for key, value in list(fields.items()):  # Parquet/pandas may give NaN for a missing value
             if isinstance(value, float) and math.isnan(value):
-                fields[key] = None
-        if fields.get("lr_scale") is not None or (fields.get("lr") is None and "lr_scale" in fields):
-            fields["lr"] = None
-        return cls(**fields)
+                del fields[key]
+        if fields.get("classes") is not None:
+            fields["classes"] = tuple(fields["classes"])
+        used_lr = fields.pop("lr", None)
+        candidates = [cls(**fields)]
+        if fields.get("lr_scale") is None and used_lr is not None:
+            candidates.append(cls(**fields, lr=used_lr))
+        return next((c for c in candidates if c.run_id == row.get("run_id")), candidates[0])
 
     def kernel_args(self) -> dict:
         """The keyword arguments of :func:`kernels.analytic.mlp_kernels` for this run's architecture. μP maps

@@ -47,10 +47,10 @@ resources:
 """
 
 
-def write_results_without_ray(out: Path, job_text: str) -> Path:
-    """A results directory with every run of ``job_text``, laid out exactly as a sweep writes it (runs,
-    curves, spectral and outputs parts, the Grams, the limits' NNGP test block), each pack trained in this
-    process as a runner task would train it, without starting Ray."""
+def write_results_without_ray(out: Path, job: str | dict) -> Path:
+    """A results directory with every run of ``job`` (YAML text or its parsed dict), laid out exactly as a
+    sweep writes it (runs, curves, spectral and outputs parts, the Grams, the limits' NNGP test block), each
+    pack trained in this process as a runner task would train it, without starting Ray."""
     import torch
     import yaml
 
@@ -61,7 +61,7 @@ def write_results_without_ray(out: Path, job_text: str) -> Path:
     from pipeline.spec import parse_sweep
     from pipeline.store import GramWriter, ResultsStore
 
-    sweep = parse_sweep(yaml.safe_load(job_text))
+    sweep = parse_sweep(yaml.safe_load(job) if isinstance(job, str) else job)
     store = ResultsStore(out)
     store.write_sweep(sweep.name, sweep.model_dump(mode="json"))
     writer = GramWriter(store.root.resolve(), sweep.kernels.store, store.probe_token())

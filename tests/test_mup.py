@@ -9,10 +9,13 @@ import torch
 
 from kernels.empirical import empirical_ntk
 from kernels.mlp import MLP
+from pipeline.data import load_subset
 from pipeline.errors import UserError
+from pipeline.limits import analytic_blocks
+from pipeline.results import KERNEL_REGIME_ONLY
+from pipeline.run import train_runs
 from pipeline.run_config import RunConfig
 from pipeline.spec import parse_sweep
-from pipeline.train import KERNEL_REGIME_ONLY, analytic_blocks, load_subset, train_runs
 
 torch.set_num_threads(2)
 F64 = torch.float64
@@ -144,8 +147,8 @@ def test_report_draws_the_regimes_side_by_side(tmp_path):
     import numpy as np
 
     from pipeline.report import build_report
+    from pipeline.results import SCALAR_METRICS, RunResult
     from pipeline.store import ResultsStore
-    from pipeline.train import SCALAR_METRICS, RunResult
 
     rng = np.random.default_rng(0)
     store = ResultsStore(tmp_path)

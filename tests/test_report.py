@@ -20,7 +20,7 @@ from pipeline import query
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.measures import log_steps
-from pipeline.report import build_report, run_config_from_row
+from pipeline.report import build_report
 from pipeline.results import SCALAR_METRICS, RunResult
 from pipeline.run_config import RunConfig
 from pipeline.store import ResultsStore
@@ -41,14 +41,11 @@ PLOTS = ("deviations.png", "accuracy.png", "curves.png", "ntk_heatmap.png")
 
 @pytest.fixture(scope="module")
 def sweep_results(tmp_path_factory) -> Path:
-    """A real sweep on a local Ray: digits, widths 16 and 32, 2 seeds, 20 steps, Grams stored."""
-    from pipeline.runner import run_sweep
-    from pipeline.spec import parse_sweep
+    """A real sweep, laid out as the runner writes it (each pack trained in this process, without Ray: the
+    sweep on Ray is tested in test_sweep): digits, widths 16 and 32, 2 seeds, 20 steps, Grams stored."""
+    from conftest import write_results_without_ray
 
-    out = tmp_path_factory.mktemp("sweep") / "results"
-    summary = run_sweep(parse_sweep(TINY), out, num_cpus=2, progress=False)
-    assert summary.status == {"ok": 4}, summary.line()
-    return out
+    return write_results_without_ray(tmp_path_factory.mktemp("sweep") / "results", TINY)
 
 
 def write_synthetic(out: Path, widths=(64, 128, 256), seeds=3, curves=False) -> None:
@@ -121,7 +118,7 @@ def test_report_without_grams_or_curves_says_what_it_skipped(tmp_path):
 def test_run_config_is_rebuilt_from_a_runs_row(sweep_results):
     rows = ds.dataset(sweep_results / "runs", format="parquet", partitioning="hive").to_table().to_pylist()
     for row in rows:
-        assert run_config_from_row(row).run_id == row["run_id"]
+        assert RunConfig.from_row(row).run_id == row["run_id"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ The package: this module runs the report; :mod:`~pipeline.report.groups` splits 
 draw the figures, :mod:`~pipeline.report.phenomena` decides the NTK-phenomena sections,
 :mod:`~pipeline.report.threshold` places the interpolation threshold, :mod:`~pipeline.report.tables` and
 :mod:`~pipeline.report.markdown` write report.md with the prose of ``report.md.tmpl``
-(:mod:`~pipeline.report.prose`), and :mod:`~pipeline.report.deps` holds every name taken from the rest
-of ``pipeline``.
+(:mod:`~pipeline.report.prose`). The report reads ``RESULTS/`` only, through :mod:`pipeline.store` and the
+aggregates.
 
 Keep this package light: ``ntk-sweep --help`` imports it; matplotlib, pandas etc. load inside functions.
 """
@@ -50,15 +50,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.report import deps
-from pipeline.report.groups import Group, make_groups, regime_clusters, run_config_from_row
+from pipeline.atomic import atomic_file
+from pipeline.errors import UserError
+from pipeline.report.groups import Group, make_groups, regime_clusters
 from pipeline.report.markdown import report_markdown
 from pipeline.report.phenomena import draw_phenomena
 from pipeline.report.plots import plot_accuracy, plot_curves, plot_deviations, plot_heatmap, plot_regimes
-from pipeline.report.threshold import parameter_count, threshold_width
+from pipeline.report.threshold import threshold_width
 
-__all__ = ["Group", "add_arguments", "build_report", "main", "parameter_count", "regime_clusters",
-           "run_config_from_row", "threshold_width"]
+__all__ = ["Group", "add_arguments", "build_report", "main", "regime_clusters", "threshold_width"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,27 +79,32 @@ def build_report(results: str | Path, out: str | Path | None = None, *, max_grou
     """Aggregate ``results`` if stale, draw every plot into ``out`` (default ``RESULTS/report``) and
     write ``report.md`` there. Returns the path of ``report.md``. A read-only ``results`` works with
     another ``out``: the aggregates are then computed in memory."""
+    from pipeline import aggregate
+    from pipeline.gp_init import skipped_groups
+    from pipeline.groups import split_runs
+    from pipeline.store import CURVES, RUNS, SPECTRAL, ResultsStore
+
     root = Path(results)
     if not root.is_dir():
-        raise deps.UserError(f"{root}: not a results directory")
+        raise UserError(f"{root}: not a results directory")
     # Up to date; computed in memory only when the results directory is read-only.
-    tables = deps.tables(root)
+    tables = aggregate.tables(root)
     out = Path(out) if out is not None else root / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise deps.UserError(f"{out}: cannot write the report ({exc.strerror or exc}); give a writable --out") \
+        raise UserError(f"{out}: cannot write the report ({exc.strerror or exc}); give a writable --out") \
             from None
-    by_width = tables[deps.BY_WIDTH].to_pandas()
-    scaling = tables[deps.SCALING].to_pandas()
-    runs_table = deps.read_table(root, "runs")
-    runs = deps.split_runs(runs_table)
-    curves = deps.read_table(root, "curves")
-    spectral = deps.read_table(root, "spectral")
+    by_width = tables[aggregate.BY_WIDTH].to_pandas()
+    scaling = tables[aggregate.SCALING].to_pandas()
+    store = ResultsStore(root)
+    runs_table = store.table(RUNS)
+    runs = split_runs(runs_table)
+    curves, spectral = store.table(CURVES), store.table(SPECTRAL)
     gp, gp_skipped = None, {}
-    if deps.GP_INIT in tables:
-        gp_table = tables[deps.GP_INIT]
-        gp, gp_skipped = gp_table.to_pandas(), deps.skipped_groups(gp_table)
+    if aggregate.GP_INIT in tables:
+        gp_table = tables[aggregate.GP_INIT]
+        gp, gp_skipped = gp_table.to_pandas(), skipped_groups(gp_table)
     groups = make_groups(runs)
     notes: list[str] = []
     if len(groups) > max_groups:
@@ -133,7 +138,6 @@ def build_report(results: str | Path, out: str | Path | None = None, *, max_grou
     md = report_markdown(root, runs, groups[:max_groups], groups, scaling, by_width, regimes, heatmap, heatmap_note,
                          notes)
     path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(md)
-    tmp.replace(path)
+    with atomic_file(path, "w") as fh:
+        fh.write(md)
     return path

@@ -6,11 +6,8 @@ report draws its figures and writes its sections per group, and :class:`Group` c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
-
-from pipeline.report import deps
 
 ALWAYS_IN_LABEL = ("dataset", "n_train", "depth", "activation")
 PARAM_NAMES = {"ntk": "NTK", "standard": "standard", "mup": "μP"}  # also the order within a regime set
@@ -88,21 +85,3 @@ def hidden_layers(fits_by_group: list[dict]) -> list[str]:
 def layer_role(i: int, layers: int) -> str:
     """``input``, ``hidden`` or ``output``: what weight matrix ``i`` of ``layers`` is."""
     return "input" if i == 0 else "output" if i == layers - 1 else "hidden"
-
-
-def run_config_from_row(row: dict[str, Any]):
-    """Rebuild the :class:`RunConfig` of a runs-table row. The row's ``lr`` is the rate used, not the
-    configured one: the candidate whose ``run_id`` matches the row's is taken."""
-    RunConfig = deps.RunConfig
-
-    fields = {k: row[k] for k in RunConfig.model_fields if k in row and row[k] is not None}
-    if isinstance(fields.get("classes"), list):
-        fields["classes"] = tuple(fields["classes"])
-    fields.pop("lr", None)
-    candidates = [RunConfig(**fields)]
-    if fields.get("lr_scale") is None and row.get("lr") is not None and math.isfinite(row["lr"]):
-        candidates.append(RunConfig(**fields, lr=row["lr"]))
-    for c in candidates:
-        if c.run_id == row.get("run_id"):
-            return c
-    return candidates[0]

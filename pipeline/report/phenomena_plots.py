@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.report.axes import colormap, figure, log_axes, save, set_log_ylim
 from pipeline.report.groups import Group
-from pipeline.report.threshold import input_dim, n_outputs, parameter_count
+from pipeline.report.threshold import input_dim, n_outputs
 
 SPECTRAL_FLOOR = 1e-8  # fractions of a band's initial energy below this are drawn at it
 
@@ -177,6 +177,8 @@ def plot_double_descent(bw, g: Group, w_star: float | None, path: Path) -> bool:
     NTK / NNGP regression limits and the interpolation threshold."""
     import numpy as np
 
+    from pipeline.plan import num_params
+
     def series(measure: str):
         rows = bw[(bw["measure"] == measure) & (bw["count"] > 0)].sort_values("width")
         mean = rows["mean"].to_numpy(dtype=float)
@@ -233,7 +235,7 @@ def plot_double_descent(bw, g: Group, w_star: float | None, path: Path) -> bool:
         ax.set_xlabel("width $n$")
         if d is not None and depth >= 1:
             def to_ratio(w, d=d, depth=depth, k=k, target=n * k):
-                return parameter_count(np.asarray(w, dtype=float), d, depth, k) / target
+                return num_params(d, np.asarray(w, dtype=float), depth, k) / target
 
             def from_ratio(r, d=d, depth=depth, k=k, n=n):
                 r = np.asarray(r, dtype=float)

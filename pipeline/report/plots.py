@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.report import deps
 from pipeline.report.axes import (
     LABELS,
     colormap,
@@ -28,7 +27,6 @@ from pipeline.report.groups import (
     hidden_layers,
     layer_role,
     param,
-    run_config_from_row,
 )
 
 MAX_HEATMAP_POINTS = 1200  # larger Grams are shown on an even subsample of the points
@@ -43,6 +41,8 @@ ACCURACY = (
 
 def plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> bool:
     """One panel per measure, one colour per parameterisation: seeds, means with CIs and the fits."""
+    from pipeline.aggregate import expected_exponent
+
     fits = [{r["measure"]: r for r in scaling[scaling["group_id"] == g.group_id].to_dict("records")}
             for g in cluster]
     layers = hidden_layers(fits)
@@ -63,7 +63,7 @@ def plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> b
                                     references=False)
             visible += v
             soft += c
-            e = deps.expected_exponent(m, len(layers), p)
+            e = expected_exponent(m, len(layers), p)
             if e:
                 expected.append(f"{PARAM_NAMES.get(p, p)} {e}")
         if m.startswith("weight_rel_change_layer"):
@@ -85,9 +85,11 @@ def plot_regimes(by_width, scaling, runs, cluster: list[Group], path: Path) -> b
 def plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
     """One panel per deviation measure (seeds, means with CIs, the fit and reference slopes) and a last
     panel with the relative weight change of each layer."""
+    from pipeline.aggregate import deviation_measures, expected_exponent
+
     fits = {r["measure"]: r for r in sc.to_dict("records")}
-    measures = [m for m in deps.deviation_measures(list(fits)) if not m.startswith("weight_rel_change_layer")]
-    layers = [m for m in deps.deviation_measures(list(fits)) if m.startswith("weight_rel_change_layer")]
+    measures = [m for m in deviation_measures(list(fits)) if not m.startswith("weight_rel_change_layer")]
+    layers = [m for m in deviation_measures(list(fits)) if m.startswith("weight_rel_change_layer")]
     panels = measures + (["layers"] if layers else [])
     if not panels:
         return False
@@ -99,7 +101,7 @@ def plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
             visible, soft = [], []
             for i, m in enumerate(layers):
                 role = layer_role(i, len(layers))
-                expected = deps.expected_exponent(m, len(layers), param(g))
+                expected = expected_exponent(m, len(layers), param(g))
                 label = f"layer {i} ({role}{', exp. ' + expected if expected else ''})"
                 _, v, c = draw_measure(ax, bw, fits[m], runs, sel, m, colors[i], label, references=False)
                 visible += v
@@ -118,7 +120,7 @@ def plot_deviations(bw, sc, runs, sel, g: Group, path: Path) -> bool:
             ax.set_ylabel(r"$\|W^{(l)}_T-W^{(l)}_0\|_F\,/\,\|W^{(l)}_0\|_F$")
         else:
             note, visible, soft = draw_measure(ax, bw, fits[panel], runs, sel, panel, "C0", None, references=True)
-            expected = deps.expected_exponent(panel, parameterization=param(g))
+            expected = expected_exponent(panel, parameterization=param(g))
             title = panel + (f"   (expected {expected})" if expected else "")
             ax.set_title(title, fontsize=10)
             ax.set_ylabel(LABELS.get(panel, panel))
@@ -220,7 +222,9 @@ def plot_heatmap(root: Path, runs_table, runs, groups: list[Group], path: Path) 
     """Analytic NTK and |Theta_hat_0 - Theta| (smallest and largest width, one seed), sorted by class."""
     import numpy as np
 
-    gram_dir = root / deps.GRAMS / "empirical"
+    from pipeline.store import GRAMS
+
+    gram_dir = root / GRAMS / "empirical"
     stored = {p.parent.name for p in gram_dir.glob("*/init")} if gram_dir.is_dir() else set()
     if not stored:
         return False, ("No run stored its empirical NTK Gram (set `kernels: store: init` or `init+final` in the "
@@ -249,9 +253,14 @@ def draw_heatmap(root: Path, rows: list[dict], g: Group, path: Path) -> str:
     import numpy as np
     from matplotlib.colors import Normalize
 
-    store = deps.ResultsStore(root)
-    config = run_config_from_row(rows[0])
-    subset = deps.load_recorded_subset(config)
+    from pipeline.data import load_recorded_subset
+    from pipeline.limits import analytic_kernels
+    from pipeline.run_config import RunConfig
+    from pipeline.store import ResultsStore
+
+    store = ResultsStore(root)
+    config = RunConfig.from_row(rows[0])
+    subset = load_recorded_subset(config)
     labels = np.concatenate([subset.labels_train, subset.labels_test])
     n_all = len(labels)
     order = np.argsort(labels, kind="stable")
@@ -260,7 +269,7 @@ def draw_heatmap(root: Path, rows: list[dict], g: Group, path: Path) -> str:
     x_all = np.concatenate([subset.x_train, subset.x_test])[order]
     # The analytic kernel of the shown points only (it depends on the inputs, not on the split).
     shown = dataclasses.replace(subset, x_train=x_all, x_test=x_all[:0])
-    theta = deps.analytic_kernels(config, shown)["ntk"]
+    theta = analytic_kernels(config, shown)["ntk"]
     diffs = []
     for row in rows:
         emp = store.read_array(f"empirical/{row['run_id']}/init")

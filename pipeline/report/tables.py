@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.report import deps, prose
+from pipeline.report import prose
 from pipeline.report.groups import PARAM_NAMES, REGIME_MEASURES, Group, hidden_layers, param
 
 SPECTRUM = ("ntk_eig_min", "ntk_eig_max", "ntk_cond")
@@ -32,17 +32,19 @@ def fmt_g(v: Any) -> str:
 def exponents_table(groups: list[Group], scaling) -> list[str]:
     """One row per group and deviation measure: exponent, 95% CI, R², widths, runs used, expected.
     The group column only when there are several groups; [] when nothing was fitted."""
+    from pipeline.aggregate import deviation_measures, expected_exponent
+
     many = len(groups) > 1
     table = []
     for g in groups:
         sc = scaling[scaling["group_id"] == g.group_id]
         fits = {r["measure"]: r for r in sc.to_dict("records")}
         n_layers = sum(m.startswith("weight_rel_change_layer") for m in fits)
-        for m in deps.deviation_measures(list(fits)):
+        for m in deviation_measures(list(fits)):
             f = fits[m]
             ci = f"[{cell(f['ci_low'])}, {cell(f['ci_high'])}]" if math.isfinite(f["ci_low"]) else "–"
             span = f"{f['width_min']}–{f['width_max']} ({f['n_widths']})" if f["n_widths"] else "–"
-            expected = deps.expected_exponent(m, n_layers, param(g))
+            expected = expected_exponent(m, n_layers, param(g))
             used = f"{f['n_points']} ({f['n_dropped']})" if f["n_dropped"] else f"{f['n_points']}"
             label = f"`{m}`" + (f" ({f['note']})" if f["note"] and "dropped" not in f["note"] else "")
             table.append((f"| {g.label} " if many else "") + f"| {label} | {cell(f['exponent'])} | {ci} | "
@@ -66,6 +68,8 @@ def runs_per_width_table(bw) -> list[str]:
 
 def regimes_table(scaling, cluster: list[Group]) -> list[str]:
     """One row per measure, one column per parameterisation: fitted exponent [95% CI] (expected)."""
+    from pipeline.aggregate import expected_exponent
+
     fits = [{r["measure"]: r for r in scaling[scaling["group_id"] == g.group_id].to_dict("records")}
             for g in cluster]
     layers = hidden_layers(fits)
@@ -83,7 +87,7 @@ def regimes_table(scaling, cluster: list[Group]) -> list[str]:
                 continue
             ci = f" [{cell(r['ci_low'], '{:.2f}')}, {cell(r['ci_high'], '{:.2f}')}]" \
                 if math.isfinite(r["ci_low"]) else ""
-            e = deps.expected_exponent(m, len(layers), p)
+            e = expected_exponent(m, len(layers), p)
             cells.append(f"{cell(r['exponent'], '{:.2f}')}{ci}" + (f" ({e})" if e else ""))
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     return lines

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.report import deps
 from pipeline.report.groups import Group
 
 INPUT_DIM = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072, "digits": 64}  # flattened input size d
@@ -26,18 +25,12 @@ def input_dim(settings: dict[str, Any]) -> int | None:
     if settings.get("dataset") in INPUT_DIM:
         return INPUT_DIM[settings["dataset"]]
     try:
-        fields = {k: v for k, v in settings.items() if k in deps.RunConfig.model_fields}
-        return deps.load_recorded_subset(deps.RunConfig(**fields)).dim
+        from pipeline.data import load_recorded_subset
+        from pipeline.run_config import RunConfig
+
+        return load_recorded_subset(RunConfig.from_row(settings)).dim
     except Exception:  # noqa: BLE001 - no data here: the threshold cannot be placed
         return None
-
-
-def parameter_count(width, d: int, depth: int, k: int):
-    """Parameters of the MLP (weights and biases): ``width*(d+1) + (depth-1)*width*(width+1) + K*(width+1)``
-    for ``depth >= 1``; ``K*(d+1)`` for ``depth = 0``. ``width`` may be an array."""
-    if depth == 0:
-        return k * (d + 1) + 0 * width
-    return width * (d + 1) + (depth - 1) * width * (width + 1) + k * (width + 1)
 
 
 def threshold_width(n_train: int, d: int, depth: int, k: int) -> float | None:
