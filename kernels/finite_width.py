@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from kernels.activations import Activation
-from kernels.analytic import mlp_kernels, mlp_kernels_from_dots
+from kernels.analytic import mlp_kernels
+from kernels.layers import KernelState, mlp
 from kernels.mlp import MLP
 
 Tensor = torch.Tensor
@@ -48,11 +49,12 @@ def layer_map(p: Tensor, layers: int, *, activation: str | Callable | Activation
     """``H_layers(P)``: the NNGP after ``layers`` infinite-width layers fed by the features with Gram ``P``.
 
     ``p: (n, n)`` float64, a post-activation Gram per unit (``phi phi^T / width``); the next layer's
-    pre-activation covariance is ``w_std^2 P + b_std^2``. Returns ``(n, n)``.
+    pre-activation covariance is ``w_std^2 P + b_std^2``: the kernel rules of :func:`kernels.layers.mlp`
+    with ``layers`` hidden layers, fed ``P`` in place of the inputs' Gram. Returns ``(n, n)``.
     """
     d = torch.diagonal(p)
-    return mlp_kernels_from_dots(p, d, d, 1, depth=layers, activation=activation, w_std=w_std, b_std=b_std,
-                                 get=("nngp",))["nngp"]
+    state = KernelState(d[:, None], d[None, :], p, track_ntk=False)
+    return mlp(layers, None, None, activation, w_std, b_std).kernel(state).k12
 
 
 @dataclass(frozen=True)
