@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from kernels import empirical as emp  # noqa: E402
 from kernels.mlp import MLP  # noqa: E402
+from kernels.tiles import ranges  # noqa: E402
 
 IN_DIM, DEPTH = 784, 3
 FULL = dict(widths=(512, 2048, 4096), ns=(500, 2000), ks=(1, 10), must=(2048, 500, 1))
@@ -219,7 +220,7 @@ def block_factors(n: int, k: int, p: int, itemsize: int = 4) -> tuple[float, flo
     plan = emp.plan_blocks(n, n, k * p * itemsize, symmetric=True, bytes_per_pair=2 * itemsize * k * k)
     if plan.rows >= n:
         return 1.0, 1.0
-    formed = sum((r1 - r0) * (n - r0) for r0, r1 in emp._ranges(n, plan.rows)) / n**2
+    formed = sum((r1 - r0) * (n - r0) for r0, r1 in ranges(n, plan.rows)) / n**2
     return plan.feature_inputs(n, n, True) / n, formed
 
 

@@ -55,7 +55,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from kernels.mlp import MLP
-from kernels.tiles import ranges as _ranges  # the project's one tiler (row panels, column chunks)
+from kernels.tiles import ranges  # the project's one tiler (row panels, column chunks)
 
 Tensor = torch.Tensor
 ArrayLike = Any  # numpy array or torch tensor
@@ -166,7 +166,7 @@ class BlockPlan:
         if self.cache:  # every column chunk once; a symmetric one's first panel needs none of its own
             return n1 + n2 - (min(self.rows, n1) if (symmetric and same_features) else 0)
         total = 0
-        for r0, r1 in _ranges(n1, self.rows):
+        for r0, r1 in ranges(n1, self.rows):
             total += r1 - r0
             if symmetric:
                 total += n2 - (r1 if same_features else r0)
@@ -244,7 +244,7 @@ def _blocked(
         if mirror:
             out[c0:c1, r0:r1] = _mirror(block)
 
-    for r0, r1 in _ranges(n1, plan.rows):
+    for r0, r1 in ranges(n1, plan.rows):
         f1 = row_features(r0, r1)
         first = 0
         if symmetric and same_features:
@@ -252,7 +252,7 @@ def _blocked(
             first = r1
         elif symmetric:
             first = r0
-        for c0, c1 in _ranges(n2, plan.cols):
+        for c0, c1 in ranges(n2, plan.cols):
             if c0 < first:
                 continue
             f2 = cache.get(c0)
@@ -415,7 +415,7 @@ def _generic_group(
         if n <= sub:
             return [j.reshape(n, K, -1) for j in per_sample(group, x).values()]
         out = [x.new_empty((n, K, p.numel())) for p in group.values()]
-        for lo, hi in _ranges(n, sub):
+        for lo, hi in ranges(n, sub):
             for buf, j in zip(out, per_sample(group, x[lo:hi]).values(), strict=True):
                 buf[lo:hi] = j.reshape(hi - lo, K, -1)
         return out

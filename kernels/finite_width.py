@@ -19,8 +19,8 @@ module estimates ``B`` without bias from a few hundred networks, with noise of t
    ``O(1/width)``, like ``B`` itself. (The directional derivatives are central differences in float64.)
 
 The residuals of ``S`` networks give ``|B|_F^2`` without the noise's upward bias through the U-statistic
-``U = sum_{s != t} <R_s, R_t> / (S (S-1))``, with a jackknife standard error (:func:`bias_statistics`); all
-of it is a function of the ``S x S`` Gram ``<R_s, R_t>``, so resampling seeds needs no residual matrices.
+``U = sum_{s != t} <R_s, R_t> / (S (S-1))``, with a jackknife standard error (:mod:`kernels.bias_statistics`);
+all of it is a function of the ``S x S`` Gram ``<R_s, R_t>``, so resampling seeds needs no residual matrices.
 
 Convention: NTK or standard parameterisation alike (the forward function at init is the same in
 distribution), weights and biases ``N(0, 1)`` scaled as in :class:`kernels.mlp.MLP`.
@@ -28,7 +28,6 @@ distribution), weights and biases ``N(0, 1)`` scaled as in :class:`kernels.mlp.M
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,36 +105,3 @@ def bias_residual(grams: list[Tensor], limit: LimitGrams, *, activation: str | C
         base, up = limit.p[layer], depth - layer
         control += (layer_map(base + eps * delta, up, **args) - layer_map(base - eps * delta, up, **args)) / (2 * eps)
     return layer_map(grams[-1], 1, **args) - limit.k - control
-
-
-@dataclass(frozen=True)
-class BiasStatistics:
-    """From ``S`` residuals: ``u`` the unbiased estimate of ``|B|_F^2``, ``u_se`` its jackknife standard error,
-    ``noise2`` the expected ``|mean R - B|_F^2`` (what ``|mean R|_F^2`` would show for ``B = 0``)."""
-
-    u: float
-    u_se: float
-    noise2: float
-    seeds: int
-
-
-def bias_statistics(gram: np.ndarray, weights: np.ndarray | None = None) -> BiasStatistics:
-    """:class:`BiasStatistics` from the ``(S, S)`` Gram ``<R_s, R_t>`` of the residuals.
-
-    ``weights``: optional ``(S,)`` multiplicities (a bootstrap resample of the seeds); pairs of copies of
-    one seed are left out of the U-statistic, so it stays unbiased.
-    """
-    s = len(gram)
-    c = np.ones(s) if weights is None else np.asarray(weights, dtype=np.float64)
-    diag = np.diag(gram)
-    pairs = float(c.sum() ** 2 - (c**2).sum())
-    u = float((c @ gram @ c - (c**2 * diag).sum()) / pairs) if pairs > 0 else math.nan
-    n = c.sum()
-    mean_sq = float(c @ gram @ c) / n**2
-    noise2 = max(float((c * diag).sum() / n - mean_sq), 0.0) / max(n - 1, 1)
-    u_se = math.nan
-    if weights is None and s >= 3:
-        total, rows = float(gram.sum()), gram.sum(axis=1)
-        leave = ((total - 2 * rows + diag) - (diag.sum() - diag)) / ((s - 1) * (s - 2))
-        u_se = float(math.sqrt((s - 1) / s * ((leave - leave.mean()) ** 2).sum()))
-    return BiasStatistics(u=u, u_se=u_se, noise2=noise2, seeds=s)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.finite_width import bias_residual, bias_statistics, hidden_grams, limit_grams
+from kernels.bias_statistics import bias_statistics
+from kernels.finite_width import bias_residual, hidden_grams, limit_grams
 from kernels.mlp import MLP
 
 
