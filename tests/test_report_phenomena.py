@@ -4,7 +4,6 @@ interpolation threshold of a known architecture, and the sections skipped with a
 written before the new tables and columns existed."""
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -175,25 +174,19 @@ def test_gp_init_is_recomputed_only_when_the_runs_change(tmp_path):
     assert aggregate.is_stale(tmp_path)
 
 
-def test_a_group_whose_data_cannot_be_loaded_is_skipped_and_named(tmp_path):
+def test_a_group_without_its_stored_nngp_is_skipped_and_named(tmp_path):
     write_gp_runs(tmp_path, {64: 1.0}, seeds=3)
-    # Same outputs recorded for MNIST runs, with no MNIST on this machine (a missing data_dir).
+    # Outputs recorded for MNIST runs whose limits task never stored the NNGP of their test points (results
+    # written by an earlier version): gp_init cannot compare them, and says so instead of loading data.
     rows = [dict(r) for r in ResultsStore(tmp_path).table("runs").to_pylist()]
     mnist = [RunResult(_config(64, r["seed"], data_dir=str(tmp_path / "nowhere")).model_copy(
         update={"dataset": "mnist"}), metrics=_metrics(64), f0_test=np.zeros((20, 10), np.float32)) for r in rows]
-    old = os.environ.pop("NTK_SWEEP_DATA", None)
-    os.environ["NTK_SWEEP_DATA"] = str(tmp_path / "nowhere")
-    try:
-        ResultsStore(tmp_path).write_pack(mnist)
-        aggregate.ensure_aggregates(tmp_path)
-        md = build_report(tmp_path).read_text()
-    finally:
-        os.environ.pop("NTK_SWEEP_DATA")
-        if old is not None:
-            os.environ["NTK_SWEEP_DATA"] = old
+    ResultsStore(tmp_path).write_pack(mnist)
+    aggregate.ensure_aggregates(tmp_path)
+    md = build_report(tmp_path).read_text()
     gp = aggregate.load(tmp_path, "gp_init", refresh=False)
     assert gp.dataset.tolist() == ["digits"]
-    assert "the analytic NNGP could not be recomputed here" in md and "![gp at init](gp_init_g1.png)" in md
+    assert "the analytic NNGP of its test points is not in the results" in md and "![gp at init](gp_init_g1.png)" in md
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def gp_rows(gp, g: Group):
 def gp_skip_reason(gp, gp_skipped: dict[str, str], g: Group) -> str:
     """Why a group has no rows in the gp_init table."""
     if g.group_id in gp_skipped:
-        return f"the analytic NNGP could not be recomputed here ({gp_skipped[g.group_id]})"
+        return f"the analytic NNGP of its test points is not in the results ({gp_skipped[g.group_id]})"
     if gp is None or gp.empty:
         return "no width has two seeds with stored outputs at init (results written before the outputs table existed?)"
     return "no width of this group has two seeds with stored outputs at init"
