@@ -1,8 +1,15 @@
-"""Benchmark of the blocked Gram: analytic NTK (depth 3, ReLU) of real MNIST written to Zarr.
+"""Benchmark of the blocked Gram: analytic NTK (depth 3) of real MNIST written to Zarr.
 
-    .venv/bin/python bench/gram.py                      # N = 5k, 10k, 20k
-    .venv/bin/python bench/gram.py --full               # ... and the full 70k (train+test), ~16 GB on disk
+    .venv/bin/python bench/gram.py                      # ReLU, N = 5k, 10k, 20k
+    .venv/bin/python bench/gram.py --full               # ... and the full 70k (train+test), ~20 GB on disk
     .venv/bin/python bench/gram.py --nt-python /path/to/venv/bin/python   # + neural-tangents baseline
+
+    # the ratio table: ntk-sweep (Zarr) against nt.batch(kernel_fn, 500) (memory), interleaved, medians
+    .venv/bin/python bench/gram.py --compare --activation relu erf gelu --sizes 4000 20000 --repeat 3 \
+        --nt-python /tmp/ntvenv/bin/python
+    .venv/bin/python bench/gram.py --tile --activation relu erf gelu    # one tile per path, errors vs float64
+    .venv/bin/python bench/gram.py --floor 70000        # the 70k ReLU Gram against its floor, same run
+    .venv/bin/python bench/gram.py --table tanh:4000:1,tanh:600:1.3     # the interpolation-table path
 
 Measures, on this machine:
 
@@ -113,43 +120,83 @@ def matmul_rates(reps: int = 3) -> dict:
     return out
 
 
-def tile_impls(x_path: Path, block: int = 2048) -> dict:
-    """One tile by each implementation, 1 thread; errors vs float64 on an off-diagonal and a diagonal tile."""
+def tile_impls(x_path: Path, block: int = 2048, activations: tuple[str, ...] = ("relu",), repeat: int = 5) -> dict:
+    """One tile by each implementation, 1 thread, for each activation; errors vs float64 on an off-diagonal
+    and a diagonal tile. Timings are medians of ``repeat`` interleaved calls (the machine is shared). Also:
+    ReLU through its generic dual inside the same compiled body (``relu-dual``, the case for keeping the
+    cosine form), and the error of the float32 input Gram alone (``input-gram-f32``: the float64 recursion
+    fed the float32 ``x1 @ x2.T``), the part of the error no elementwise code can remove."""
     import numpy as np
     import torch
 
-    from kernels.analytic import mlp_kernels
+    from kernels import fused
+    from kernels.activations import get_activation
+    from kernels.analytic import mlp_kernels, mlp_kernels_from_dots
     from kernels.gram import AnalyticKernel
 
     torch.set_num_threads(1)
     x = np.load(x_path, mmap_mode="r")
     a, b = np.array(x[:block]), np.array(x[block : 2 * block])
-    ref_off = mlp_kernels(a.astype(np.float64), b.astype(np.float64), depth=DEPTH, get=("ntk",))["ntk"]
-    ref_diag = mlp_kernels(a.astype(np.float64), depth=DEPTH, get=("ntk",))["ntk"]
-    res = {}
-    for impl in ("generic", "fused", "compiled"):
-        k = AnalyticKernel(depth=DEPTH, impl=impl)
-        t = time.perf_counter()
-        k.warm_up()
-        warm = time.perf_counter() - t
-        k.tile(a, b)
-        times = []
-        for _ in range(3):
-            stats: dict = {}
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    res: dict = {}
+    for act in activations:
+        ref_off = mlp_kernels(a.astype(np.float64), b.astype(np.float64), depth=DEPTH, activation=act,
+                              get=("ntk",))["ntk"]
+        ref_diag = mlp_kernels(a.astype(np.float64), depth=DEPTH, activation=act, get=("ntk",))["ntk"]
+
+        def errors(off: np.ndarray, diag: np.ndarray, ref_off=ref_off, ref_diag=ref_diag) -> dict:
+            return {
+                "err_off_max_over_max": float(np.abs(off - ref_off).max() / np.abs(ref_off).max()),
+                "err_off_max_rel": float((np.abs(off - ref_off) / np.abs(ref_off)).max()),
+                "err_diag_max_over_max": float(np.abs(diag - ref_diag).max() / np.abs(ref_diag).max()),
+                "err_diag_max_rel": float((np.abs(diag - ref_diag) / np.abs(ref_diag)).max()),
+                "err_diagonal_entries_rel": float((np.abs(np.diag(diag) - np.diag(ref_diag))
+                                                   / np.abs(np.diag(ref_diag))).max()),
+            }
+
+        sq_a = torch.from_numpy((a.astype(np.float64) ** 2).sum(1))
+        dot32 = (ta @ tb.T).double()
+        dot32_diag = (ta @ ta.T).double()
+        dot32_diag.diagonal().copy_(sq_a)
+        only_dot = errors(
+            mlp_kernels_from_dots(dot32, sq_a, torch.from_numpy((b.astype(np.float64) ** 2).sum(1)), a.shape[1],
+                                  depth=DEPTH, activation=act, get=("ntk",))["ntk"].numpy(),
+            mlp_kernels_from_dots(dot32_diag, sq_a, sq_a, a.shape[1], depth=DEPTH, activation=act,
+                                  get=("ntk",))["ntk"].numpy())
+        res[f"{act} input-gram-f32"] = only_dot
+        variants = {}
+        for impl in ("generic", "fused", "compiled"):
+            k = AnalyticKernel(depth=DEPTH, activation=act, impl=impl)
             t = time.perf_counter()
-            off = k.tile(a, b, stats).numpy()
-            times.append((time.perf_counter() - t, stats))
-        dt, stats = min(times, key=lambda p: p[0])
-        diag = k.tile(a, a).numpy()
-        diag = (diag + diag.T) / 2
-        res[impl] = {
-            "tile_s": dt, "entries_per_s": block * block / dt, "matmul_s": stats["matmul_s"],
-            "elementwise_s": stats["elementwise_s"], "compile_s": warm if impl == "compiled" else 0.0,
-            "err_off_max_over_max": float(np.abs(off - ref_off).max() / np.abs(ref_off).max()),
-            "err_off_max_rel": float((np.abs(off - ref_off) / np.abs(ref_off)).max()),
-            "err_diag_max_over_max": float(np.abs(diag - ref_diag).max() / np.abs(ref_diag).max()),
-            "err_diag_max_rel": float((np.abs(diag - ref_diag) / np.abs(ref_diag)).max()),
-        }
+            k.warm_up()
+            variants[impl] = (k.tile, time.perf_counter() - t)
+        if fused.is_relu(act):
+            relu = get_activation("relu")
+
+            def relu_dual(p, q, stats=None, relu=relu):
+                tp = torch.from_numpy(p)
+                tq = tp if q is p else torch.from_numpy(q)
+                return fused.dual_tile(tp, tq, DEPTH, relu, 2.0, 0.0, True, True, stats)
+
+            t = time.perf_counter()
+            relu_dual(a, b)
+            variants["relu-dual compiled"] = (relu_dual, time.perf_counter() - t)
+        times: dict = {name: [] for name in variants}
+        for _ in range(repeat):
+            for name, (fn, _) in variants.items():
+                stats: dict = {}
+                t = time.perf_counter()
+                fn(a, b, stats)
+                times[name].append((time.perf_counter() - t, stats["matmul_s"], stats["elementwise_s"]))
+        for name, (fn, compile_s) in variants.items():
+            off = fn(a, b).numpy()
+            diag = fn(a, a).numpy()
+            diag = (diag + diag.T) / 2
+            med = [float(np.median([t[i] for t in times[name]])) for i in range(3)]
+            res[f"{act} {name}"] = dict(
+                tile_s=med[0], entries_per_s=block * block / med[0], matmul_s=med[1], elementwise_s=med[2],
+                compile_s=compile_s if "compiled" in name else 0.0, **errors(off, diag))
+        print("tile", act, json.dumps({k: v for k, v in res.items() if k.startswith(act)}), flush=True)
     return res
 
 
@@ -518,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the ratio table: ntk-sweep vs neural-tangents per activation and --sizes")
     p.add_argument("--floor", type=int, default=None,
                    help="also the full-MNIST Gram of this N (70000) with its floor measured in the same run")
+    p.add_argument("--tile", action="store_true", help="only the single-tile comparison (per --activation)")
     p.add_argument("--table", default=None, metavar="ACT:N:SPREAD[,...]",
                    help="interpolation-table benchmarks, e.g. tanh:2000:1,tanh:600:1.5")
     p.add_argument("--workers", type=int, default=None)
@@ -548,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": machine(), "loadavg_start": os.getloadavg()}
     print(json.dumps(report["machine"]), flush=True)
     x_path = prepare_inputs(work, args.data_dir)
-    if args.compare or args.floor or args.table:
+    if args.compare or args.floor or args.table or args.tile:
+        if args.tile:
+            report["tile"] = tile_impls(x_path, args.block or 2048, tuple(args.activation))
         if args.compare:
             report["compare"] = compare(args, x_path, work)
             print(_compare_table(report["compare"]), flush=True)
@@ -580,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         report["matmul"] = matmul_rates()
         print("matmul", json.dumps(report["matmul"]), flush=True)
         wait_idle(args.wait_idle)
-        report["tile"] = tile_impls(x_path, args.block or 2048)
+        report["tile"] = tile_impls(x_path, args.block or 2048, tuple(args.activation))
         print("tile", json.dumps(report["tile"], indent=1), flush=True)
     if not args.no_split:
         report["split"] = [
