@@ -8,7 +8,7 @@ row panels and column chunks and :func:`tile_pairs` for its symmetric loop.
     tile_grid(10, 7, 4)                 -> (3, 2)
     tile_pairs(3, 3, symmetric=True)    -> [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
     tile_bounds(1, 2, 4, 10, 10)        -> (4, 8, 8, 10)
-    choose_block(4000, workers=2)       -> 1344  (6 upper tiles of ~1344 for 2 workers, not 3 of 2048)
+    choose_block(4000, workers=2)       -> 1024  (10 upper tiles for 2 workers, not 3 of 2048)
 
 **Tile size.** With few tiles a worker idles: N = 4,000 with 2,048-row tiles gives 3 upper tiles for 2
 workers, so one worker computes two of them while the other waits. :func:`choose_block` models each tile's
