@@ -124,8 +124,8 @@ IMPLS = ("auto", "compiled", "fused", "generic", "table")
 # "auto" compiles the fused ReLU kernel when the Gram has at least this many entries to compute (below it
 # the one-off compile, ~5-15 s, costs more than it saves).
 AUTO_COMPILE_ENTRIES = 1 << 29
-# ... and the other closed forms from this many: their eager recursion is ~4x slower than the compiled
-# one (erf: 310 against 70 ms per 2048^2 tile and depth 3), against ReLU's ~2x.
+# ... and the other closed forms from this many: their eager recursion is 4-14x slower than the compiled
+# one (erf: 365 against 65 ms per 2048^2 tile and depth 3; GELU 841 against 64), against ReLU's ~3x.
 AUTO_COMPILE_ENTRIES_DUAL = 1 << 27
 
 
