@@ -86,7 +86,7 @@ k12)`` cancels. The other activations' errors are stated in :mod:`kernels.fused`
 
 **Tile size.** ``block=None`` (the default) takes a resumed Gram's own block, else
 :func:`kernels.tiles.choose_block`: :data:`DEFAULT_BLOCK` when that gives every worker enough tiles, a
-smaller multiple of 64 when it would leave a worker idle (N = 4,000 on 2 workers: 1,024, ten upper tiles,
+smaller multiple of 64 when it would leave a worker idle (N = 4,000 on 2 workers: 1,472, six upper tiles,
 instead of three tiles of 2,048). The tiling itself (tile grid, upper-triangle enumeration, bounds) is
 :mod:`kernels.tiles`.
 """

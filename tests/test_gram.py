@@ -104,19 +104,19 @@ def test_rectangular_blocked_equals_dense_any_activation(tmp_path):
 
 
 def test_default_block_fits_the_workers_and_a_resume_keeps_it(tmp_path):
-    """block=None: N = 300 on 2 workers is tiled finer than one 300-row tile (kernels.tiles.choose_block); a
-    resume with another worker count keeps the stored block instead of refusing a 'different' Gram."""
+    """block=None: N = 1,000 on 2 workers is tiled finer than one 1,000-row tile (kernels.tiles.choose_block);
+    a resume with another worker count keeps the stored block instead of refusing a 'different' Gram."""
     from kernels.tiles import choose_block, tile_grid
 
     def linear(a, b):
         return a @ b.T
 
-    x = _inputs(300, d=5)
-    block = choose_block(300, workers=2)
-    assert block < 300 and block % 64 == 0
+    x = _inputs(1000, d=5)
+    block = choose_block(1000, workers=2)
+    assert block < 1000 and block % 64 == 0
     first = gram_to_zarr(linear, x, store=tmp_path / "g.zarr", path="lin", workers=2, progress=False,
                          max_tiles=1)
-    assert first.block == block and first.tiles_total == sum(range(tile_grid(300, 300, block)[0] + 1))
+    assert first.block == block and first.tiles_total == sum(range(tile_grid(1000, 1000, block)[0] + 1))
     again = gram_to_zarr(linear, x, store=tmp_path / "g.zarr", path="lin", workers=1, progress=False)
     assert again.block == block and again.tiles_skipped == 1
     np.testing.assert_allclose(open_gram(tmp_path / "g.zarr", "lin").compute(), x @ x.T, rtol=1e-5, atol=1e-5)
