@@ -37,7 +37,7 @@ SPLIT_CHOICES = ("train", "test", "train+test")
 KINDS = ("ntk", "nngp")
 PREPROCESS = ("per_image", "standardize", "unit_norm", "raw01")  # pipeline.preprocess.PREPROCESSING
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")  # kernels.gram.COMPRESSORS, without importing it
-IMPLS = ("auto", "compiled", "fused", "generic")
+IMPLS = ("auto", "compiled", "fused", "generic", "table")  # kernels.gram.IMPLS, without importing torch
 SCHEDULERS = ("threads", "sync", "ray")
 _ROWS_PER_STEP = 8192
 
@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="Zarr store folder (created if absent)")
     out.add_argument("--path", default=None, help="array name in the store (default: the --kernel name)")
-    out.add_argument("--block", type=int, default=2048, help="tile / chunk edge (default 2048)")
+    out.add_argument("--block", type=int, default=None,
+                     help="tile / chunk edge (default: from N and the worker count; a resumed Gram keeps its own)")
     out.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                      help="stored and computed dtype (default float32)")
     out.add_argument("--compressor", default="blosc-lz4", choices=COMPRESSORS)
@@ -91,7 +92,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     kern.add_argument("--parameterization", default="ntk", choices=("ntk", "standard"))
     kern.add_argument("--width", type=int, default=None, help="width (standard-parameterisation NTK only)")
     kern.add_argument("--impl", default="auto", choices=IMPLS,
-                      help="auto (default): compiled fused ReLU kernel for large Grams, else fused/generic")
+                      help="auto (default): in float32 the fused path for closed-form activations (compiled for large "
+                           "Grams), the interpolation table for the others; in float64 the generic recursion")
 
 
 def build_kernel(args: argparse.Namespace) -> Any:
@@ -248,7 +250,7 @@ def load_inputs_labels(
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.block is None or args.block < 1:
+    if args.block is not None and args.block < 1:
         raise UserError(f"--block {args.block}: must be a positive integer")
     if args.depth < 0:
         raise UserError(f"--depth {args.depth}: must be >= 0")

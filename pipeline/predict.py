@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--gram", required=True, help="Zarr store folder for the Grams (written, or reused and resumed)")
     out.add_argument("--path", default=None, help="array name prefix in the store (default: the --kernel name)")
     out.add_argument("--overwrite", action="store_true", help="replace stored Grams of a different provenance")
-    out.add_argument("--block", type=int, default=2048, help="tile / chunk edge (default 2048)")
+    out.add_argument("--block", type=int, default=None,
+                     help="tile / chunk edge (default: from N and the worker count; a resumed Gram keeps its own)")
     out.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                      help="stored and computed Gram dtype (default float32)")
     out.add_argument("--compressor", default="blosc-lz4", choices=gram_job.COMPRESSORS)
@@ -106,7 +107,7 @@ def _check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
             raise UserError(f"--time {args.time}: must be a finite number >= 0 (omit it for t = inf)")
         if args.kernel != "ntk":
             raise UserError("--time: gradient-descent time applies to --kernel ntk only")
-    if args.block < 1:
+    if args.block is not None and args.block < 1:
         raise UserError(f"--block {args.block}: must be a positive integer")
     if args.depth < 0:
         raise UserError(f"--depth {args.depth}: must be >= 0")
