@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kernels.tiles import MAX_BLOCK
 from pipeline.errors import UserError
 from pipeline.measures import MAX_EIGH, MAX_FULL_NTK, log_steps, norm_panels
 from pipeline.run_config import RunConfig, analytic_args, make_packs
@@ -60,7 +61,6 @@ NUM_CLASSES = 10
 # the low end (more bytes, not fewer).
 GRAM_COMPRESSION = {"blosc-lz4": 1.14, "zstd": 1.12, "none": 1.0}
 GRAM_CODEC = "blosc-lz4"
-NNGP_TEST_BLOCK = 2048  # kernels.gram's default tile edge, with which the NNGP test block is written
 
 
 def io_dims(config: RunConfig) -> tuple[int, int]:
@@ -427,7 +427,7 @@ def estimate_analytic(config: RunConfig, in_dim: int, out_dim: int) -> int:
     outputs = blocks + 8.0 * n * m  # with ntk_solver
     nngp = outputs + factor + 8.0 * n * m
     ship = 2 * outputs  # the result copied into the object store
-    tile = min(m, NNGP_TEST_BLOCK)
+    tile = min(m, MAX_BLOCK)  # the largest tile kernels.tiles chooses for the NNGP test block
     write = outputs + 12 * 8.0 * tile * tile  # then the NNGP test block is written, tile by tile (float64)
     tiles = 12 * 8.0 * 1024 * 1024
     return int(ANALYTIC_BASELINE_BYTES + inputs + tiles + max(solve, spectrum, nngp, ship, write))

@@ -4,7 +4,8 @@ The driver stays thin. It validates the job, loads each dataset subset once (fro
 on the driver's machine, so workers need no dataset files) and puts it in the object store, starts
 one task per (subset, architecture) for the analytic kernels, then one training task per pack that
 receives both by reference. Results come back to the driver, which writes them atomically
-(:mod:`pipeline.store`), so a cluster needs no shared filesystem.
+(:mod:`pipeline.store`); only the Grams (and the NNGP of the test points, which ``gp_init`` compares the
+outputs with) are written by the workers, into a results directory they must share with the driver.
 
 Failures: an exception inside a run is deterministic; :func:`pipeline.run.train_runs` records it
 as ``status="failed"`` and the sweep goes on (``retry_exceptions`` is off); ``retry_failed`` runs them
@@ -49,6 +50,7 @@ from pipeline.store import (  # noqa: E402
     ResultsStore,
     RunClaims,
     is_not_writable,
+    nngp_test_path,
     write_parquet_atomic,
 )
 
@@ -98,14 +100,17 @@ def _train_task(configs: list[RunConfig], subset, analytic, num_cpus: float, gra
     return results
 
 
-def _analytic_task(config: RunConfig, subset, num_cpus: float, gram_writer):
+def _analytic_task(config: RunConfig, subset, num_cpus: float, nngp_writer):
+    """The run's limits (:func:`pipeline.limits.analytic_blocks`); with ``nngp_writer``, this task also
+    stores the NNGP of the test points (one task per NNGP array writes it)."""
     import torch
 
     from pipeline.limits import analytic_blocks
 
     torch.set_num_threads(max(1, int(num_cpus)))
     blocks = analytic_blocks(config, subset)
-    gram_writer.write_nngp_test(config, subset.x_test)
+    if nngp_writer is not None:
+        nngp_writer.write_nngp_test(config, subset.x_test)
     return blocks
 
 
@@ -261,7 +266,6 @@ def _commit_gp(store: ResultsStore, refs: dict, ray, out: str | Path, summary: S
     """Write each GP task's row as its own part of ``gp_samples`` (atomically), as it finishes."""
     import pyarrow as pa
 
-
     pending = dict(refs)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -297,11 +301,15 @@ def _run_packs(sweep: Sweep, store: ResultsStore, claims: RunClaims, todo: list[
     dims = {key: (s.dim, s.y_train.shape[1]) for key, s in subsets.items()}
 
     analytic_refs: dict[tuple, object] = {}
+    nngp_paths: set[str] = set()  # limits of different parameterisations share one NNGP: written once
     for r in todo:
         key = analytic_args(r)
         if key not in analytic_refs:
+            path = nngp_test_path(r)
+            nngp_writer = writer if path not in nngp_paths else None
+            nngp_paths.add(path)
             analytic_refs[key] = analytic_task.options(num_gpus=0, memory=analytic_memory[key], **common).remote(
-                r, subset_refs[subset_args(r)], res.num_cpus, writer)
+                r, subset_refs[subset_args(r)], res.num_cpus, nngp_writer)
 
     # Largest first, so the long tasks start early and the small ones fill the gaps.
     order = sorted(range(len(packs)), key=lambda i: -pack_cost(packs[i], *dims[subset_args(packs[i][0])]))

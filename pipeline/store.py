@@ -690,15 +690,21 @@ class GramWriter:
         self.root, self.store, self.probe = str(root), store, probe
         self._checked = probe is None
 
+    def sees_results(self) -> bool:
+        """Whether this node sees the driver's probe, i.e. the driver's results directory."""
+        if self.probe is None:
+            return True
+        probe = Path(self.root) / PROBE
+        return probe.is_file() and probe.read_text() == self.probe
+
     def check(self) -> None:
-        """Raise :class:`ResultsNotShared` if this node does not see the driver's probe (once per task)."""
+        """Raise :class:`ResultsNotShared` if this node does not see the driver's probe (once per task; no-op
+        when the job stores no Grams)."""
         import socket
 
-        if self._checked:
+        if self._checked or self.store == "none":
             return
-        probe = Path(self.root) / PROBE
-        seen = probe.read_text() if probe.is_file() else None
-        if seen != self.probe:
+        if not self.sees_results():
             raise ResultsNotShared(f"results directory {self.root} on node {socket.gethostname()} is not the "
                                    "driver's: the workers write the Grams there, so it must be a path that every "
                                    "node sees (a shared filesystem)")
@@ -707,8 +713,14 @@ class GramWriter:
     def write_nngp_test(self, config: RunConfig, x_test: np.ndarray) -> None:
         """Write the analytic NNGP on a run's test points, ``(m, m)`` float64, at :func:`nngp_test_path`:
         what the outputs at init are compared with (:mod:`pipeline.gp_init`), stored once per subset and
-        architecture by the task that computes the run's limits, so reading results never recomputes it."""
-        self.check()
+        architecture by the task that computes the run's limits, so reading results never recomputes it.
+
+        A job that stores no Grams may run where the workers do not see the results directory: there the
+        block is not written (``gp_init`` then names those groups); otherwise that stops the sweep, as for
+        the Grams."""
+        if not self.sees_results():
+            self.check()
+            return
         import torch
 
         from kernels.gram import AnalyticKernel, gram_to_zarr

@@ -94,3 +94,23 @@ def test_the_stored_nngp_test_block_is_the_float64_analytic_nngp(small_results):
     expected = mlp_kernels(x_test, **config.kernel_args(), get=("nngp",))["nngp"]
     assert stored.dtype == np.float64 and stored.shape == (config.n_test, config.n_test)
     np.testing.assert_allclose(stored, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_the_nngp_block_is_skipped_only_where_no_grams_are_stored_and_the_workers_cannot_see_the_results(tmp_path):
+    """A worker that does not see the driver's results directory: a job storing no Grams runs on (the block is
+    not written, gp_init names the group); a job storing Grams stops, as for the Grams themselves."""
+    import numpy as np
+
+    from pipeline.run_config import RunConfig
+    from pipeline.store import GramWriter, ResultsNotShared, ResultsStore, nngp_test_path
+
+    store = ResultsStore(tmp_path)
+    store.probe_token()
+    config = RunConfig(dataset="digits", n_train=8, n_test=6)
+    x_test = np.random.default_rng(0).normal(size=(6, 64))
+    GramWriter(tmp_path, "none", "not-the-driver's").write_nngp_test(config, x_test)
+    assert not (tmp_path / "grams.zarr").exists()
+    with pytest.raises(ResultsNotShared):
+        GramWriter(tmp_path, "init", "not-the-driver's").write_nngp_test(config, x_test)
+    GramWriter(tmp_path, "none", store.probe_token()).write_nngp_test(config, x_test)
+    assert store.read_array(nngp_test_path(config)).shape == (6, 6)
