@@ -90,11 +90,11 @@ def prepare_inputs(folder: Path, data_dir: str | None) -> Path:
     """MNIST train+test, standardised with the train statistics, as ``folder/mnist70k.npy``."""
     import numpy as np
 
-    from pipeline.gram_job import load_inputs
+    from pipeline.gram_job import load_inputs_labels
 
     path = folder / "mnist70k.npy"
     if not path.exists():
-        x, _ = load_inputs("mnist", "train+test", preprocess="per_image", data_dir=data_dir)
+        x, _, _ = load_inputs_labels("mnist", "train+test", preprocess="per_image", data_dir=data_dir)
         np.save(path, x)
     return path
 

@@ -168,26 +168,6 @@ def _preprocess_rows(images: Any, method: str, pixel_max: float, stats: tuple | 
         out[lo : lo + len(a)] = transform_rows(a, method, stats)
 
 
-def load_inputs(
-    dataset: str,
-    split: str,
-    *,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    preprocess: str = "per_image",
-    data_dir: str | None = None,
-) -> tuple[Any, dict]:
-    """The Gram's input rows ``(N, d) float32`` and the attributes that identify them.
-
-    ``n_train = n_test = None``: the whole split(s) (see the module docstring for the preprocessing);
-    otherwise the class-balanced subset of :func:`pipeline.data.make_subset`.
-    """
-    x, _, attrs = load_inputs_labels(dataset, split, n_train=n_train, n_test=n_test, seed=seed,
-                                     preprocess=preprocess, data_dir=data_dir)
-    return x, attrs
-
-
 def load_inputs_labels(
     dataset: str,
     split: str,
@@ -197,8 +177,13 @@ def load_inputs_labels(
     seed: int = 0,
     preprocess: str = "per_image",
     data_dir: str | None = None,
-) -> tuple[Any, dict]:
-    """:func:`load_inputs` and the rows' labels, ``(N,) int64`` class indices (into the subset's classes)."""
+) -> tuple[Any, Any, dict]:
+    """The Gram's input rows ``(N, d) float32``, their labels ``(N,) int64`` (class indices into the subset's
+    classes) and the attributes that identify the rows.
+
+    ``n_train = n_test = None``: the whole split(s) (see the module docstring for the preprocessing);
+    otherwise the class-balanced subset of :func:`pipeline.data.make_subset`.
+    """
     import numpy as np
 
     from pipeline import data
@@ -275,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a folder")
-    x, attrs = load_inputs(
+    x, _, attrs = load_inputs_labels(
         args.dataset, args.split, n_train=n_train, n_test=n_test, seed=args.seed, preprocess=args.preprocess,
         data_dir=args.data_dir,
     )
