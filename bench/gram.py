@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             rates = floor_rates(x_path)
             run = run_child(x_path, args.floor, work / "floor.zarr", args.block, args.workers, args.torch_threads,
-                            "compiled", args.progress, "relu")
+                            args.impl, args.progress, "relu")
             rates_after = floor_rates(x_path)
             best = {k: max(rates[k], rates_after[k]) for k in rates}
             floor = gram_floor(args.floor, run["block"], best)

@@ -37,7 +37,7 @@ SPLIT_CHOICES = ("train", "test", "train+test")
 KINDS = ("ntk", "nngp")
 PREPROCESS = ("per_image", "standardize", "unit_norm", "raw01")  # pipeline.preprocess.PREPROCESSING
 COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd", "none")  # kernels.gram.COMPRESSORS, without importing it
-IMPLS = ("auto", "compiled", "fused", "generic", "table")  # kernels.gram.IMPLS, without importing torch
+IMPLS = ("auto", "compiled", "fused", "generic", "series", "table")  # kernels.gram.IMPLS, without importing torch
 SCHEDULERS = ("threads", "sync", "ray")
 _ROWS_PER_STEP = 8192
 
@@ -93,7 +93,8 @@ def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
     kern.add_argument("--width", type=int, default=None, help="width (standard-parameterisation NTK only)")
     kern.add_argument("--impl", default="auto", choices=IMPLS,
                       help="auto (default): in float32 the fused path for closed-form activations (compiled for large "
-                           "Grams), the interpolation table for the others; in float64 the generic recursion")
+                           "Grams; for ReLU without bias as one series in the cosine), the interpolation table for "
+                           "the others; in float64 the generic recursion")
 
 
 def build_kernel(args: argparse.Namespace) -> Any:
