@@ -281,9 +281,12 @@ class AnalyticKernel:
             out[lo : lo + block.shape[0]] = fused.row_squares(block).numpy()
         return out
 
-    def tile(self, x1: Any, x2: Any, stats: dict | None = None, row_sq: tuple | None = None) -> Tensor:
+    def tile(self, x1: Any, x2: Any, stats: dict | None = None, row_sq: tuple | None = None,
+             mirror: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """One tile; ``x2 is x1`` marks a diagonal tile. ``stats`` collects matmul/elementwise seconds;
-        ``row_sq``: the rows' squared norms from :meth:`row_squares`, ``(for x1, for x2)``, when known."""
+        ``row_sq``: the rows' squared norms from :meth:`row_squares`, ``(for x1, for x2)``, when known;
+        ``mirror``: the series path then returns ``(tile, tile.T)`` for an off-diagonal tile (the others
+        return the tile alone)."""
         dtype = _torch_dtype(self.dtype)
         a = _to_tensor(x1, dtype)
         b = a if x2 is x1 else _to_tensor(x2, dtype)
@@ -293,7 +296,8 @@ class AnalyticKernel:
         if impl in ("fused", "compiled", "series"):
             sq = None if row_sq is None else tuple(torch.from_numpy(np.asarray(v)) for v in row_sq)
             return fused.fused_tile(a, b, compiled=impl != "fused", series=impl == "series", stats=stats,
-                                    row_sq=sq if impl == "series" else None, **self._fused_args())
+                                    row_sq=sq if impl == "series" else None, mirror=mirror,
+                                    **self._fused_args())
         if impl == "table":
             from kernels.dual_table import get_table
 
@@ -557,13 +561,20 @@ _WRITERS: dict[str, tuple[ChunkWriter, ChunkWriter]] = {}  # (Gram, tile record)
 _SCRATCH = threading.local()
 
 
-def _call_kernel(kernel: BlockFn, a: Any, b: Any, stats: dict, row_sq: tuple | None = None) -> Any:
-    if row_sq is not None:
-        return kernel.tile(a, b, stats, row_sq)
+def _call_kernel(kernel: BlockFn, a: Any, b: Any, stats: dict, row_sq: tuple | None = None,
+                 mirror: bool = False) -> Any:
+    if row_sq is not None:  # an AnalyticKernel on its series path
+        return kernel.tile(a, b, stats, row_sq, mirror)
     tile_fn = getattr(kernel, "tile", None)
     if callable(tile_fn):
         return tile_fn(a, b, stats)
     return kernel(a, b)
+
+
+def _as_array(out: Any, dtype: str) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    return np.asarray(out, dtype=dtype)
 
 
 def _transposed(out: np.ndarray, strip: int = 32) -> np.ndarray:
@@ -602,18 +613,19 @@ def _run_tile(job: _TileJob, x1: Any, x2: Any, i: int, j: int) -> dict:
     if job.row_sq is not None:
         sq1, sq2 = job.row_sq
         row_sq = (sq1[r0:r1], sq1[c0:c1] if job.symmetric else sq2[c0:c1])
+    mirror = job.symmetric and i != j
     t1 = time.perf_counter()
-    out = _call_kernel(job.kernel, a, b, stats, row_sq)
-    if isinstance(out, torch.Tensor):
-        out = out.detach().cpu().numpy()
-    out = np.asarray(out, dtype=job.dtype)
+    out = _call_kernel(job.kernel, a, b, stats, row_sq, mirror)
+    out, out_t = out if isinstance(out, tuple) else (out, None)  # the kernel may hand back the mirror too
+    out = _as_array(out, job.dtype)
     if out.shape != (r1 - r0, c1 - c0):
         raise GramError(f"the kernel returned shape {out.shape} for a {(r1 - r0, c1 - c0)} tile")
     if job.symmetric and i == j:
         out = (out + out.T) * np.asarray(0.5, dtype=job.dtype)  # exactly symmetric
     t2 = time.perf_counter()
-    mirror = job.symmetric and i != j
-    pieces = [(r0, c0, out)] + ([(c0, r0, _transposed(out))] if mirror else [])
+    if mirror:
+        out_t = _transposed(out) if out_t is None else _as_array(out_t, job.dtype)
+    pieces = [(r0, c0, out)] + ([(c0, r0, out_t)] if mirror else [])
     shared = _WRITERS.get(job.writer_key) if job.writer_key else None
     writer, marker = shared or (ChunkWriter(job.gram, threads=1, max_pending=1), ChunkWriter(job.markers))
     try:
