@@ -16,8 +16,10 @@ variance nodes are exactly those values and only ``theta`` is interpolated (4 ga
 the nodes lie on a global grid in ``log(variance)`` with step :data:`LOG_STEP`, interpolated by 4-point
 Lagrange in each variance too (64 gathers per entry); variances below ``max / 2^20`` are clamped to it.
 
-Every node's slice over ``theta`` is computed once per process (by the activation's own quadrature dual,
-float64) and cached, so the values at a node do not depend on which tile asked first: tiles are
+Every node's slice over ``theta`` is computed once per process (float64; closed forms by their own dual,
+quadrature activations by :func:`kernels.activations.gaussian_expectations` with :data:`NODE_POINTS`
+Hermite points, finer than the activation's default rule, whose own Tdot error near ``|c| = 1`` would
+otherwise dominate the table's) and cached, so the values at a node do not depend on which tile asked first: tiles are
 deterministic and a resumed Gram equals an uninterrupted one. Accuracy against the float64 quadrature
 (``kernels.analytic.mlp_kernels``) and speed are measured in ``bench/gram.py`` (``--table``) and stated in
 ``bench/RESULTS.md``; ``tests/test_dual_table.py`` checks both node modes.
@@ -32,13 +34,17 @@ from typing import Any
 
 import torch
 
-from kernels.activations import Activation, get_activation
+from kernels.activations import Activation, gaussian_expectations, get_activation
 
 Tensor = torch.Tensor
 ANGLES = 128  # uniform intervals of theta over [0, pi]
 LOG_STEP = 1.0 / 16  # grid step in log(variance)
 EXACT_MAX = 16  # at most this many distinct variances in a tile: exact variance nodes
 FLOOR_RATIO = 2.0**-20
+# Gauss-Hermite points per axis for the node slices of quadrature activations. The activations' own dual
+# (96 points) is off by up to 5e-6 in Tdot near |c| = 1 at variance 2.5 for tanh (against the graded rule);
+# 160 points: 4e-8, at 2.8x the cost of a slice (variances above 2.5 take the graded rule either way)
+NODE_POINTS = 160
 # variances within this relative distance share an exact node (the spread of one value's float32 roundings;
 # the dual changes by at most about this much relative to it)
 MERGE_RTOL = 2.5e-7  # grid mode: variances below max * this are clamped to it
@@ -75,7 +81,11 @@ class DualTable:
         k22 = v[:, 1:].expand(-1, m + 1)
         k12 = torch.sqrt(k11 * k22) * torch.cos(theta)[None, :]
         k12[:, 0] = torch.sqrt(v[:, 0] * v[:, 1])  # cos 0 = 1 exactly
-        t, tdot = self.act.dual(k11.contiguous(), k22.contiguous(), k12)
+        if self.act.closed_form:
+            t, tdot = self.act.dual(k11.contiguous(), k22.contiguous(), k12)
+        else:
+            t, tdot = gaussian_expectations(self.act.fn, self.act.deriv, k11.contiguous(), k22.contiguous(), k12,
+                                            points=NODE_POINTS)
         vals = torch.stack([t, tdot], dim=-1)  # (p, m + 1, 2)
         return torch.cat([vals[:, 1:2], vals, vals[:, m - 1 : m]], dim=1)
 
