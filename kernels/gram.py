@@ -281,12 +281,9 @@ class AnalyticKernel:
             out[lo : lo + block.shape[0]] = fused.row_squares(block).numpy()
         return out
 
-    def tile(self, x1: Any, x2: Any, stats: dict | None = None, row_sq: tuple | None = None,
-             mirror: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def tile(self, x1: Any, x2: Any, stats: dict | None = None, row_sq: tuple | None = None) -> Tensor:
         """One tile; ``x2 is x1`` marks a diagonal tile. ``stats`` collects matmul/elementwise seconds;
-        ``row_sq``: the rows' squared norms from :meth:`row_squares`, ``(for x1, for x2)``, when known;
-        ``mirror``: the series path then returns ``(tile, tile.T)`` for an off-diagonal tile (the others
-        return the tile alone)."""
+        ``row_sq``: the rows' squared norms from :meth:`row_squares`, ``(for x1, for x2)``, when known."""
         dtype = _torch_dtype(self.dtype)
         a = _to_tensor(x1, dtype)
         b = a if x2 is x1 else _to_tensor(x2, dtype)
@@ -296,8 +293,7 @@ class AnalyticKernel:
         if impl in ("fused", "compiled", "series"):
             sq = None if row_sq is None else tuple(torch.from_numpy(np.asarray(v)) for v in row_sq)
             return fused.fused_tile(a, b, compiled=impl != "fused", series=impl == "series", stats=stats,
-                                    row_sq=sq if impl == "series" else None, mirror=mirror,
-                                    **self._fused_args())
+                                    row_sq=sq if impl == "series" else None, **self._fused_args())
         if impl == "table":
             from kernels.dual_table import get_table
 
@@ -561,10 +557,9 @@ _WRITERS: dict[str, tuple[ChunkWriter, ChunkWriter]] = {}  # (Gram, tile record)
 _SCRATCH = threading.local()
 
 
-def _call_kernel(kernel: BlockFn, a: Any, b: Any, stats: dict, row_sq: tuple | None = None,
-                 mirror: bool = False) -> Any:
+def _call_kernel(kernel: BlockFn, a: Any, b: Any, stats: dict, row_sq: tuple | None = None) -> Any:
     if row_sq is not None:  # an AnalyticKernel on its series path
-        return kernel.tile(a, b, stats, row_sq, mirror)
+        return kernel.tile(a, b, stats, row_sq)
     tile_fn = getattr(kernel, "tile", None)
     if callable(tile_fn):
         return tile_fn(a, b, stats)
@@ -615,17 +610,13 @@ def _run_tile(job: _TileJob, x1: Any, x2: Any, i: int, j: int) -> dict:
         row_sq = (sq1[r0:r1], sq1[c0:c1] if job.symmetric else sq2[c0:c1])
     mirror = job.symmetric and i != j
     t1 = time.perf_counter()
-    out = _call_kernel(job.kernel, a, b, stats, row_sq, mirror)
-    out, out_t = out if isinstance(out, tuple) else (out, None)  # the kernel may hand back the mirror too
-    out = _as_array(out, job.dtype)
+    out = _as_array(_call_kernel(job.kernel, a, b, stats, row_sq), job.dtype)
     if out.shape != (r1 - r0, c1 - c0):
         raise GramError(f"the kernel returned shape {out.shape} for a {(r1 - r0, c1 - c0)} tile")
-    if job.symmetric and i == j:
-        out = (out + out.T) * np.asarray(0.5, dtype=job.dtype)  # exactly symmetric
+    if job.symmetric and i == j:  # exactly symmetric; the same bits as (out + out.T) / 2, ~2.5x faster
+        out = (torch.from_numpy(out) + torch.from_numpy(_transposed(out))).mul_(0.5).numpy()
     t2 = time.perf_counter()
-    if mirror:
-        out_t = _transposed(out) if out_t is None else _as_array(out_t, job.dtype)
-    pieces = [(r0, c0, out)] + ([(c0, r0, out_t)] if mirror else [])
+    pieces = [(r0, c0, out)] + ([(c0, r0, _transposed(out))] if mirror else [])
     shared = _WRITERS.get(job.writer_key) if job.writer_key else None
     writer, marker = shared or (ChunkWriter(job.gram, threads=1, max_pending=1), ChunkWriter(job.markers))
     try:

@@ -29,6 +29,7 @@ MAX_DEGREE = 96
 # of F_L(1), the largest value (F_L is increasing in c): a sixth of float32's rounding there; 1e-9 took
 # 17 coefficients for depth 3 (10.2 ms per 2,048² tile) where this takes 13 (8.1 ms), same float32 error
 FIT_TOL = 1e-8
+HORNER_TOL = 2.5e-7  # float32 Horner error allowed, of F_L(1) (Clenshaw's own is 0.4-2.4e-7 through depth 32)
 
 
 def angle_recursion(theta: np.ndarray, depth: int, kind: str) -> np.ndarray:
@@ -79,6 +80,27 @@ def coefficients(depth: int, kind: str) -> tuple[tuple[float, ...], tuple[float,
     size = max(len(h) for h in halves)
     pos, neg = (tuple(float(v) for v in np.pad(h, (0, size - len(h)))) for h in halves)
     return pos, neg, f1
+
+
+@functools.lru_cache(maxsize=64)
+def power_coefficients(depth: int, kind: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The two series as plain polynomials in ``z`` (for Horner's rule: one FMA per degree, against
+    Clenshaw's two steps), or None where that loses accuracy: only when Horner in float32 stays within
+    :data:`HORNER_TOL` of ``F_L(1)`` on a dense grid (true through depth 32; the deep NTK's power
+    coefficients grow like ``2^degree`` and cancel, e.g. to 1.8e-5 at depth 48)."""
+    pos, neg, f1 = coefficients(depth, kind)
+    z = np.linspace(-1.0, 1.0, 100001)
+    z32 = z.astype(np.float32)
+    out = []
+    for cheb in (pos, neg):
+        power = chebyshev.cheb2poly(np.asarray(cheb))
+        y = np.full_like(z32, np.float32(power[-1]))
+        for a in power[-2::-1]:
+            y = y * z32 + np.float32(a)
+        if np.abs(y.astype(np.float64) - chebyshev.chebval(z, cheb)).max() > HORNER_TOL * f1:
+            return None
+        out.append(tuple(float(v) for v in power))
+    return out[0], out[1]
 
 
 def evaluate(c: np.ndarray, depth: int, kind: str) -> np.ndarray:

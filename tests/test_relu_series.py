@@ -58,8 +58,10 @@ def _inputs(n: int, d: int = 11, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("kind", "depth", "w_std"), [("ntk", 3, 2**0.5), ("ntk", 5, 1.3), ("nngp", 3, 1.7),
-                                                      ("ntk", 0, 2**0.5)])
+                                                      ("ntk", 0, 2**0.5), ("ntk", 48, 2**0.5)])
 def test_series_tile_matches_float64(kind, depth, w_std):
+    """Horner's rule on the power coefficients through depth 32, Clenshaw's beyond (depth 48 NTK)."""
+    assert (relu_series.power_coefficients(depth, kind) is None) == (depth == 48)
     x, y = _inputs(57, seed=1), _inputs(33, seed=2)
     x[4] = 0.0  # a zero-norm row
     arch = dict(depth=depth, w_std=w_std, b_std=0.0)
