@@ -35,7 +35,8 @@ attributes and must match when a run is resumed (plain functions are described b
 would write), then written by two I/O threads with ``O_DIRECT`` (no copy into the page cache, which cost
 as much CPU as the compression here) while the worker computes its next tile; a tile's record entry is
 written only after both of its chunks are on disk. Other stores go through zarr as before. The process also
-keeps freed tile-sized buffers for reuse (:func:`keep_freed_pages`).
+CLI's ``gram`` and ``predict`` also let the process keep freed tile-sized buffers for reuse
+(:func:`keep_freed_pages`).
 
 **Symmetric case** (``x2 is None``): only tiles ``i <= j`` are computed; an off-diagonal tile is written at
 ``(i, j)`` and its transpose at ``(j, i)``, a diagonal tile is symmetrised (``(K + K.T) / 2``), so the stored
@@ -53,8 +54,11 @@ with torch/dask/zarr and the compiled kernel (0.36 GiB measured), ``S`` the inpu
 bytes, 0.22 GB for 70,000 MNIST images; pass zarr arrays or memmaps to read them per tile instead, though a
 memmap's pages still count as resident once touched), and ``c b^2 * 4`` the per-worker working set: input
 rows, matmul, kernel output, transpose, chunk and compressed buffers, with ``c`` about 15 (0.25 GiB per
-worker at the default ``b = 2048``). Measured peaks (two workers, memmapped MNIST, ``bench/gram.py``):
-0.60 GiB at N = 5,000, 0.86 GiB at 20,000, 1.11 GiB at 70,000.
+worker at the default ``b = 2048``), plus up to ``2 W`` tiles' compressed chunks waiting for the disk and one
+16 MiB aligned buffer per I/O thread (the chunk writer), and whatever freed buffers glibc keeps when
+:func:`keep_freed_pages` is on. Measured peaks (two workers, memmapped MNIST, ``bench/gram.py``): 0.60 GiB
+at N = 5,000 and 0.86 GiB at 20,000 (before the chunk writer), 1.3-1.4 GiB at 70,000 (with it and
+``keep_freed_pages``; 1.1 GiB before).
 
 **Schedulers** (``scheduler=``): ``None``/``"threads"``: Dask's local threaded scheduler with ``workers``
 threads (default: the usable cores) and ``torch_threads`` intra-op threads per tile (default
@@ -661,13 +665,15 @@ _PAGES_KEPT = False
 
 
 def keep_freed_pages() -> None:
-    """Let glibc keep freed tile-sized buffers (up to 32 MiB) for reuse instead of unmapping each one.
+    """Let glibc keep freed tile-sized buffers (up to 32 MiB) for reuse instead of unmapping each one: call
+    it once in a process that computes large Grams (``ntk-sweep gram`` and ``predict`` do).
 
     Every tile allocates several 16 MB buffers (inputs, matmul, kernel output, compressed chunks); by
     default glibc maps each one fresh and unmaps it on free, so every tile paid ~4,000 page faults per
     buffer again (on the 2-core Xeon VM: a first touch of 16 MB costs ~10 ms, against ~1 ms warm; the 70k
-    Gram went from 64.4 to 56.4 s with only this). Process-wide and once; a no-op off glibc. Freed memory
-    is then kept by the process (RSS stays near its peak instead of falling between tiles).
+    Gram went from 64.4 to 56.4 s with only this). Process-wide and permanent (freed memory then stays with
+    the process, so RSS stays near its peak), which is why :func:`gram_to_zarr` does not do it by itself:
+    a sweep's long-lived Ray workers keep glibc's defaults. A no-op off glibc.
     """
     global _PAGES_KEPT
     if _PAGES_KEPT:
@@ -872,10 +878,12 @@ def gram_to_zarr(
     io_seconds = 0.0
     if pending:
         token = identity["inputs"]["x1"]["blake2b"][:12]
-        keep_freed_pages()
         if writer_key is not None:
-            # two I/O threads; at most two tiles per worker wait for the disk
-            _WRITERS[writer_key] = (ChunkWriter(gram, threads=2, max_pending=2 * workers), ChunkWriter(markers))
+            # threads: two I/O threads, at most two tiles per worker waiting for the disk; sync (a sweep's
+            # training task, whose memory the planner budgets): one I/O thread and one tile
+            threaded = mode == "threads"
+            _WRITERS[writer_key] = (ChunkWriter(gram, threads=2 if threaded else 1,
+                                                max_pending=2 * workers if threaded else 1), ChunkWriter(markers))
         try:
             with (_WRITERS[writer_key][0] if writer_key else contextlib.nullcontext()) as writer:
                 results = _execute(job, x1, x2, pending, mode, get, workers, torch_threads, progress,

@@ -255,8 +255,9 @@ def main(args: argparse.Namespace) -> int:
 
     import os
 
-    from kernels.gram import GramError, gram_to_zarr
+    from kernels.gram import GramError, gram_to_zarr, keep_freed_pages
 
+    keep_freed_pages()  # this process only computes the Gram
     kernel = build_kernel(args)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
