@@ -35,8 +35,8 @@ attributes and must match when a run is resumed (plain functions are described b
 would write), then written by two I/O threads with ``O_DIRECT`` (no copy into the page cache, which cost
 as much CPU as the compression here) while the worker computes its next tile; a tile's record entry is
 written only after both of its chunks are on disk. Other stores go through zarr as before. The process also
-CLI's ``gram`` and ``predict`` also let the process keep freed tile-sized buffers for reuse
-(:func:`keep_freed_pages`).
+CLI's ``gram`` also lets its process keep freed tile-sized buffers for reuse (:func:`keep_freed_pages`;
+``predict`` does not, so that its measured memory figures stay as they were).
 
 **Symmetric case** (``x2 is None``): only tiles ``i <= j`` are computed; an off-diagonal tile is written at
 ``(i, j)`` and its transpose at ``(j, i)``, a diagonal tile is symmetrised (``(K + K.T) / 2``), so the stored
@@ -666,7 +666,7 @@ _PAGES_KEPT = False
 
 def keep_freed_pages() -> None:
     """Let glibc keep freed tile-sized buffers (up to 32 MiB) for reuse instead of unmapping each one: call
-    it once in a process that computes large Grams (``ntk-sweep gram`` and ``predict`` do).
+    it once in a process that computes large Grams (``ntk-sweep gram`` does).
 
     Every tile allocates several 16 MB buffers (inputs, matmul, kernel output, compressed chunks); by
     default glibc maps each one fresh and unmaps it on free, so every tile paid ~4,000 page faults per

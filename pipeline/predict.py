@@ -193,11 +193,10 @@ def main(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from kernels.gram import GramError, gram_status, gram_to_zarr, keep_freed_pages
+    from kernels.gram import GramError, gram_status, gram_to_zarr
     from kernels.solve import SolveError, choose_method, solve
     from pipeline.data import _targets
 
-    keep_freed_pages()  # this process computes Grams and solves with them
     kernel = gram_job.build_kernel(args)
     store = os.path.expanduser(args.gram)
     if os.path.exists(store) and not os.path.isdir(store):
