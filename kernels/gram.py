@@ -32,11 +32,11 @@ attributes and must match when a run is resumed (plain functions are described b
 
 **Writes.** In a local folder the Gram's chunks and the tile record are written by
 :class:`kernels.chunk_writer.ChunkWriter`: encoded in the worker with the array's own codec (the bytes zarr
-would write), then written by two I/O threads with ``O_DIRECT`` (no copy into the page cache, which cost
-as much CPU as the compression here) while the worker computes its next tile; a tile's record entry is
-written only after both of its chunks are on disk. Other stores go through zarr as before. The process also
-CLI's ``gram`` also lets its process keep freed tile-sized buffers for reuse (:func:`keep_freed_pages`;
-``predict`` does not, so that its measured memory figures stay as they were).
+would write), then written by two I/O threads (one for the sync scheduler) with ``O_DIRECT`` (no copy into
+the page cache, which cost as much CPU as the compression here) while the worker computes its next tile; a
+tile's record entry is written only after both of its chunks are on disk. Other stores go through zarr as
+before. ``ntk-sweep gram`` also lets its process keep freed tile-sized buffers for reuse
+(:func:`keep_freed_pages`; ``predict`` does not, so that its measured memory figures stay as they were).
 
 **Symmetric case** (``x2 is None``): only tiles ``i <= j`` are computed; an off-diagonal tile is written at
 ``(i, j)`` and its transpose at ``(j, i)``, a diagonal tile is symmetrised (``(K + K.T) / 2``), so the stored
