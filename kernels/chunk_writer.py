@@ -59,8 +59,13 @@ def _encoder(array: Any) -> Callable[[np.ndarray], bytes] | None:
         from numcodecs import Blosc
 
         shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-        numcodec = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle[codec.shuffle.value],
-                         blocksize=codec.blocksize, typesize=codec.typesize)
+        config = {"cname": codec.cname.value, "clevel": codec.clevel,
+                  "shuffle": shuffle[codec.shuffle.value], "blocksize": codec.blocksize}
+        # as zarr's BloscCodec builds it: numcodecs takes the typesize from 0.16 on
+        try:
+            numcodec = Blosc.from_config({**config, "typesize": codec.typesize})
+        except TypeError:
+            numcodec = Blosc.from_config(config)
     elif isinstance(codec, ZstdCodec):
         from numcodecs import Zstd
 
