@@ -8,7 +8,7 @@
     .venv/bin/python bench/gram.py --compare --activation relu erf gelu --sizes 4000 20000 --repeat 3 \
         --nt-python /tmp/ntvenv/bin/python
     .venv/bin/python bench/gram.py --tile --activation relu erf gelu    # one tile per path, errors vs float64
-    .venv/bin/python bench/gram.py --floor 70000        # the 70k ReLU Gram against its floor, same run
+    .venv/bin/python bench/gram.py --floor 70000        # the 70k ReLU Gram against its floor: 3 runs, median
     .venv/bin/python bench/gram.py --table tanh:4000:1,tanh:600:1.3     # the interpolation-table path
 
 Measures, on this machine:
@@ -641,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the raw numbers here")
     p.add_argument("--data-dir", default=default_data_dir(), help="MNIST root (default: $NTK_SWEEP_DATA)")
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per configuration (default 1; --floor: 3, each with its own floor, median ratio)")
     p.add_argument("--wait-idle", type=float, default=0.0,
                    help="before each measurement wait up to this many seconds for an idle machine")
     # internal: one end-to-end run in a subprocess
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": machine(), "loadavg_start": os.getloadavg()}
     print(json.dumps(report["machine"]), flush=True)
     x_path = prepare_inputs(work, args.data_dir)
+    floor_repeat, args.repeat = args.repeat, args.repeat or 1
     if args.compare or args.floor or args.table or args.tile:
         if args.tile:
             report["tile"] = tile_impls(x_path, args.block or 2048, tuple(args.activation))
@@ -676,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             # The machine's speed drifts by tens of percent over minutes (shared host), so each repeat
             # measures its own floor right before and after its Gram; the median ratio is the result.
             report["floor"] = []
-            for _ in range(args.repeat):
+            for _ in range(floor_repeat or 3):
                 rates = floor_rates(x_path)
                 run = run_child(x_path, args.floor, work / "floor.zarr", args.block, args.workers,
                                 args.torch_threads, args.impl, args.progress, "relu")
