@@ -15,6 +15,7 @@ Memory: at most ``max_pending`` batches of encoded chunks wait for the disk at o
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sys
@@ -133,7 +134,7 @@ class ChunkWriter:
         self._raise_error()
         if not self.direct:
             for r0, c0, block in pieces:
-                self.array[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
+                self.write_now(r0, c0, block)
             if then is not None:
                 then()
             return
@@ -240,40 +241,34 @@ class ChunkWriter:
             raise
 
     def _write_direct(self, tmp: Path, data: bytes) -> bool:
-        """Write ``data`` to the new file ``tmp`` bypassing the page cache; False (nothing left behind) where
-        the file system refuses ``O_DIRECT``, which then stays off for this writer."""
+        """Write ``data`` to the new file ``tmp`` bypassing the page cache; False where the file system
+        refuses ``O_DIRECT`` (``tmp`` is then absent or overwritten by the buffered write that follows), which
+        then stays off for this writer."""
         size = len(data)
         padded = -(-size // _ALIGN) * _ALIGN
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o666)
         except OSError as exc:
-            if exc.errno in (22, 95):  # EINVAL, EOPNOTSUPP: no O_DIRECT here (tmpfs, some network mounts)
-                self._o_direct = False
-                return False
-            raise
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # tmpfs, some network mounts refuse it
+                raise
+            self._o_direct = False
+            return False
         try:
             buf = self._aligned.get(padded)
             dest = np.frombuffer(buf, dtype=np.uint8, count=padded)
             dest[:size] = np.frombuffer(data, dtype=np.uint8)  # numpy copies without holding the GIL
             dest[size:] = 0
             del dest
-            view = memoryview(buf)[:padded]
-            written = 0
-            try:
+            with memoryview(buf)[:padded] as view:
+                written = 0
                 while written < padded:
                     written += os.write(fd, view[written:])
-            except OSError as exc:
-                if exc.errno != 22:
-                    raise
-                self._o_direct = False
-                os.close(fd)
-                fd = -1
-                os.unlink(tmp)
-                return False
-            finally:
-                view.release()
             os.ftruncate(fd, size)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # opened, but the write itself refused (alignment rules)
+                raise
+            self._o_direct = False
+            return False
         finally:
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         return True

@@ -10,11 +10,11 @@ t``, ``t^1 = c^1``; NNGP: ``c^{L+1}``) is smooth in the angle but has square-roo
 ``z = 2 s - 1``, fitted here once per (depth, kind) in float64 from an angle-space recursion that keeps
 ``1 - c`` accurate near ``c = 1``.
 
-A tile then costs one ``sqrt`` and a Clenshaw recurrence per entry instead of ``depth`` rounds of ``acos``,
-``sqrt`` and FMAs (one 2,048² tile, depth 3, one core of the 2-core Xeon: see ``bench/RESULTS.md``). The
-series' own error is below 1e-8 of ``F_L(1)`` (checked on a dense grid when it is fitted; depth <= 32); in
-float32 the Clenshaw recurrence adds a few ulps, within 5e-7 of the largest entry like the other fused
-paths (``tests/test_relu_series.py``).
+A tile then costs one ``sqrt`` and a Horner recurrence per entry (Clenshaw's for the NTK deeper than 32,
+where the power coefficients cancel) instead of ``depth`` rounds of ``acos``, ``sqrt`` and FMAs (one 2,048²
+tile, depth 3, one core of the 2-core Xeon: see ``bench/RESULTS.md``). The series' own error is below 1e-8
+of ``F_L(1)`` (checked on a dense grid when it is fitted; depth <= 32); in float32 the recurrence adds a
+few ulps, within 5e-7 of the largest entry like the other fused paths (``tests/test_relu_series.py``).
 """
 
 from __future__ import annotations
